@@ -1,0 +1,173 @@
+"""CIFAR-10 ResNets (He et al. 2016, section 4.2) with option-A (parameter-free) shortcuts.
+
+The same architecture and parameter names as akamaster/pytorch_resnet_cifar10 and the QuPeD
+authors' `resnet.py` (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `linear.*`), so their
+checkpoints load strictly. Depth 6n + 2, n blocks per stage:
+
+    name       blocks per stage   parameters
+    resnet8    1                      75,290
+    resnet20   3                     269,722
+    resnet32   5                     464,154
+    resnet44   7                     658,586
+    resnet56   9                     853,018
+    resnet110  18                  1,727,962
+
+(The authors' `resnet8` has `[1, 1, 0]` blocks and cannot run: its linear layer expects 64
+features. Their golden vectors use `[1, 1, 1]`, as here.)
+
+This module knows nothing of quantization.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCKS_PER_STAGE = {'resnet8': 1, 'resnet20': 3, 'resnet32': 5, 'resnet44': 7, 'resnet56': 9,
+                    'resnet110': 18}
+
+
+class ShortcutA(nn.Module):
+    """Option A: subsample by 2 and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, extra_channels):
+        super().__init__()
+        self.extra_channels = extra_channels
+
+    def forward(self, x):
+        pad = self.extra_channels // 2
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = ShortcutA(planes - in_planes)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks_per_stage, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._stage(16, 16, blocks_per_stage, stride=1)
+        self.layer2 = self._stage(16, 32, blocks_per_stage, stride=2)
+        self.layer3 = self._stage(32, 64, blocks_per_stage, stride=2)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    @staticmethod
+    def _stage(in_planes, planes, blocks, stride):
+        strides = [stride] + [1] * (blocks - 1)
+        ins = [in_planes] + [planes] * (blocks - 1)
+        return nn.Sequential(*[BasicBlock(i, planes, s) for i, s in zip(ins, strides)])
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def build(arch):
+    """A freshly initialised `arch` ('resnet20', ...)."""
+    if arch not in BLOCKS_PER_STAGE:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(BLOCKS_PER_STAGE)}")
+    return ResNet(BLOCKS_PER_STAGE[arch])
+
+
+def resnet8():
+    return build('resnet8')
+
+
+def resnet20():
+    return build('resnet20')
+
+
+def resnet32():
+    return build('resnet32')
+
+
+def resnet44():
+    return build('resnet44')
+
+
+def resnet56():
+    return build('resnet56')
+
+
+def resnet110():
+    return build('resnet110')
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be loaded into the requested model; the message says why."""
+
+
+def read_state_dict(path):
+    """The state_dict stored in `path`, on the CPU, whichever of the usual layouts it uses.
+
+    Accepts a bare state_dict (the authors' files: PyTorch 1.5 legacy format, CUDA tensors), a
+    dict wrapping it under 'state_dict' or 'model' (akamaster's, ours), and DataParallel's
+    'module.' key prefix.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist: check the path, or leave "
+                              f"pretrained_path at its default to download the authors' file.")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"checkpoint {path!r} could not be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or "
+                              f"not a PyTorch checkpoint: delete it and download or re-create it.")
+    for key in ('state_dict', 'model'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path!r} holds no state_dict (found {type(obj).__name__}"
+                              f"); expected a state_dict, or a dict with one under 'state_dict' "
+                              f"or 'model'.")
+    return {k.removeprefix('module.'): v for k, v in obj.items()}
+
+
+def guess_arch(state_dict):
+    """The architecture a ResNet state_dict belongs to, from its number of blocks, or None."""
+    blocks = {k.split('.')[1] for k in state_dict if k.startswith('layer1.')}
+    return next((a for a, n in BLOCKS_PER_STAGE.items() if n == len(blocks)), None)
+
+
+def load_checkpoint(model, path, arch):
+    """Load the weights in `path` into `model` (an `arch`), strictly, on the model's device."""
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        found = guess_arch(state)
+        problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    f" ({len(keys)} in all)"
+                    for label, keys in (('missing keys', missing), ('unexpected keys', unexpected),
+                                        ('wrong shapes', wrong_shape)) if keys]
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} does not fit {arch}: {'; '.join(problems)}."
+            + (f" It looks like a {found} checkpoint: set resn to match it or choose another file."
+               if found and found != arch else " Choose a checkpoint of this architecture."))
+    model.load_state_dict(state)

@@ -1,0 +1,214 @@
+"""QuPeD's Algorithm 1 on any nn.Module: centers, the quantizer Q_c, the weight prox step and the
+center step, computed as the authors' code computes them (../shared/reference/ALGORITHM.md).
+
+The quantized weights are gathered into one flat vector (`QuantizedWeights`), with a vector that
+says which layer each weight belongs to. Every step is then a few tensor operations over all
+layers and centers at once, with no host-device synchronisation. The quantized forward/backward
+of the center step runs the model itself through `torch.func.functional_call`, with the quantized
+weights, detached full-precision parameters and scratch BatchNorm buffers swapped in, so the
+full-precision model's parameters, gradients and running statistics are never touched.
+
+This module imports no other module of this project.
+"""
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+CENTER_GRAD_CLIP = 10.0  # the reference clips the *summed* center gradient (quirk 2)
+
+
+class QuantizedWeights:
+    """The weights QuPeD quantizes, as the reference chooses them: every 4-D parameter except the
+    model's first parameter (for a CIFAR ResNet: every conv weight but `conv1.weight`).
+
+    Build it after the model is on its device: it keeps the layer index and scratch BatchNorm
+    buffers there.
+    """
+
+    def __init__(self, model):
+        named = list(model.named_parameters())
+        self.model = model
+        self.names = [name for i, (name, p) in enumerate(named) if i > 0 and p.dim() == 4]
+        if not self.names:
+            raise ValueError("the model has no 4-D weight after its first parameter: QuPeD "
+                             "quantizes conv weights, and this model has none to quantize.")
+        params = dict(named)
+        self.params = [params[name] for name in self.names]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        device = self.params[0].device
+        self.layer = torch.repeat_interleave(torch.arange(len(self.names), device=device),
+                                             torch.tensor(self.numels, device=device))
+        # The center step's forward runs in training mode; BatchNorm then updates running
+        # statistics, which must land here and not in the full-precision model.
+        self.scratch_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+
+    def __len__(self):
+        return len(self.names)
+
+    def flat(self):
+        """The current weights as one flat vector (a copy)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def unflatten(self, flat):
+        """{name: view of `flat` shaped as that layer's weight}."""
+        return {name: chunk.view(shape) for name, chunk, shape
+                in zip(self.names, flat.split(self.numels), self.shapes)}
+
+    @torch.no_grad()
+    def write(self, flat):
+        """Copy a flat vector back into the model's weights."""
+        for p, chunk in zip(self.params, flat.split(self.numels)):
+            p.copy_(chunk.view_as(p))
+
+
+def init_centers(weights, n_centroids, adam=False):
+    """Initial centers, a sorted [n_layers, n_centroids] tensor on the weights' device.
+
+    n == 2: [mean of the negative weights, mean of the non-negative weights] per layer;
+    n > 2: linspace(min, max, n) per layer. With `adam` (the reference's choice when the weight
+    optimizer is Adam) the first and last center of every row are then set to -1 and +1.
+    Runs once, so a loop over layers is fine here; the sums mirror the reference's so that its
+    centers are reproduced to the last bit.
+    """
+    if n_centroids < 2:
+        raise ValueError(f"n_centroids must be at least 2, got {n_centroids}.")
+    rows = []
+    for name, p in zip(weights.names, weights.params):
+        w = p.detach()
+        if n_centroids == 2:
+            neg, pos = w < 0, w >= 0
+            low = (torch.sum(w * neg) / torch.sum(neg)).item()
+            high = (torch.sum(w * pos) / torch.sum(pos)).item()
+        else:
+            low, high = torch.min(w).item(), torch.max(w).item()
+        rows.append(torch.linspace(low, high, n_centroids))
+    centers = torch.stack(rows).to(weights.params[0].device)
+    if adam:
+        centers[:, 0] = -1
+        centers[:, -1] = 1
+    bad = [name for name, row in zip(weights.names, centers) if not torch.isfinite(row).all()]
+    if bad:
+        raise ValueError(f"layers {', '.join(bad)} have no negative or no non-negative weights, so "
+                         f"their n == 2 centers (means of each sign) are undefined; use adam=True "
+                         f"(centers -1/+1) or more centers.")
+    return centers
+
+
+def assign(x, layer, centers):
+    """Index of the center each weight is quantized to: by sign for n == 2 (x < 0 -> 0,
+    x >= 0 -> 1, even if both centers share a sign: quirk 3), else the nearest center (argmin of
+    |x - c_k|, the first index winning ties)."""
+    if centers.shape[1] == 2:
+        return (x >= 0).long()
+    return (x.unsqueeze(1) - centers[layer]).abs().argmin(dim=1)
+
+
+def quantize(x, layer, centers):
+    """Q_c(x) for a flat weight vector and the center index of each weight."""
+    idx = assign(x, layer, centers)
+    key = layer * centers.shape[1] + idx
+    return centers.view(-1)[key], key
+
+
+def quantized_state(weights, centers):
+    """{name: Q_c(weight)} for every quantized layer (new tensors)."""
+    q, _ = quantize(weights.flat(), weights.layer, centers)
+    return weights.unflatten(q)
+
+
+@torch.no_grad()
+def hard_quantize_(weights, centers):
+    """x <- Q_c(x) in place (the reference does this once, at the freeze epoch)."""
+    weights.write(quantize(weights.flat(), weights.layer, centers)[0])
+
+
+@torch.no_grad()
+def prox_step(weights, centers, lr1, lam, l1=True, lr2=1.0):
+    """The weight prox step, in place, towards q = Q_c(x) with t = lam * lr1.
+
+    L1 (lr2 != 0): soft threshold towards q, then clamp to [-1, 1].
+    L1 with lr2 == 0 (fixed centers +-1): ProxQuant's binary prox, then clamp to [-1, 1].
+    L2: x <- (x + 2 lam lr1 q) / (1 + 2 lam lr1), no clamp.
+    The expressions mirror the reference's, operation for operation.
+    """
+    x = weights.flat()
+    t = lam * lr1
+    if l1 and lr2 == 0:
+        x_abs = torch.abs(x)
+        x = torch.sign(x) * (torch.relu(torch.abs(x_abs - 1) - t) * torch.sign(x_abs - 1) + 1)
+        x = x.clamp_(-1, 1)
+    elif l1:
+        q, _ = quantize(x, weights.layer, centers)
+        x = torch.where(x > q + t, x - t, torch.where(x < q - t, x + t, q)).clamp_(-1, 1)
+    else:
+        q, _ = quantize(x, weights.layer, centers)
+        x = (x + 2 * lam * lr1 * q) / (1 + 2 * lam * lr1)
+    weights.write(x)
+
+
+def quantized_loss_grad(weights, q, x, y, loss_fn=F.cross_entropy):
+    """d loss / d q for the model run with quantized weights `q` (flat) on batch (x, y), in
+    training mode (BatchNorm on batch statistics, with the full-precision affine parameters).
+
+    Only `q` requires grad, so the backward pass computes nothing for the full-precision
+    parameters and never writes their `.grad`; BatchNorm's running statistics go to scratch
+    buffers.
+    """
+    model = weights.model
+    tensors = {name: p.detach() for name, p in model.named_parameters()}
+    tensors.update(weights.unflatten(q))
+    tensors.update(weights.scratch_buffers)
+    was_training = model.training
+    model.train()
+    try:
+        loss = loss_fn(functional_call(model, tensors, (x,)), y)
+    finally:
+        model.train(was_training)
+    (grad,) = torch.autograd.grad(loss, q)
+    return grad
+
+
+def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False,
+                loss_fn=F.cross_entropy):
+    """The center step, in place on `centers`; returns the member counts [n_layers, n].
+
+    With q = Q_c(x) from the current weights, per layer and center k: g_k the sum of
+    d loss / d q over its members, n_k their number, pos_k / neg_k how many have x > c_k / x < c_k,
+    s_k the sum of their x. Then
+      L1: c_k <- c_k - lr2 clip(g_k, +-10) - lam2 lr2 (pos_k - neg_k)   (quirk 1: the reference's
+          sign; `center_reg_fix` uses the descent direction, + lam2 lr2 (pos_k - neg_k))
+      L2: c_k <- (c_k - lr2 g_k + 2 lam2 lr2 s_k) / (1 + 2 lam2 lr2 n_k)
+    and each row is sorted. Membership is `q == c_k`, as in the reference: centers that coincide
+    share their members.
+    """
+    n_layers, n = centers.shape
+    w = weights.flat()
+    q, key = quantize(w, weights.layer, centers)
+    grad = quantized_loss_grad(weights, q.requires_grad_(), x, y, loss_fn)
+    with torch.no_grad():
+        q = q.detach()
+        per_weight = torch.stack([grad, torch.ones_like(w), (w > q).to(w.dtype),
+                                  (w < q).to(w.dtype), w], dim=1)
+        per_index = torch.zeros(n_layers * n, 5, device=w.device, dtype=w.dtype)
+        per_index.index_add_(0, key, per_weight)
+        same = (centers.unsqueeze(2) == centers.unsqueeze(1)).to(w.dtype)
+        g, members, pos, neg, total = (same @ per_index.view(n_layers, n, 5)).unbind(-1)
+        if l1:
+            reg = lam2 * lr2 * (pos - neg)
+            centers += -(lr2 * g.clamp(-CENTER_GRAD_CLIP, CENTER_GRAD_CLIP)
+                         + (-reg if center_reg_fix else reg))
+        else:
+            centers += -lr2 * g + 2 * lam2 * lr2 * total
+            centers /= 1 + 2 * lam2 * lr2 * members
+        centers.copy_(centers.sort(dim=1).values)
+    return members
+
+
+def quped_update(weights, centers, x, y, lr1, lr2, lam, lam2, l1=True, center_reg_fix=False,
+                 loss_fn=F.cross_entropy):
+    """One QuPeD update after the weight optimizer's step: prox step, then center step on the
+    same batch. Returns the center step's member counts."""
+    prox_step(weights, centers, lr1, lam, l1=l1, lr2=lr2)
+    return center_step(weights, centers, x, y, lr2, lam2, l1=l1, center_reg_fix=center_reg_fix,
+                       loss_fn=loss_fn)

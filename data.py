@@ -31,7 +31,7 @@ def batches_folder(root):
         os.path.join(root, TRAIN_FILES[0])) else root
 
 
-def download(root, url=URL):
+def download(root, url):
     """Download and extract CIFAR-10 into root with torchvision (which checks its md5)."""
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import download_and_extract_archive
@@ -66,13 +66,14 @@ def read_batch(path):
     return images.view(n, 3, 32, 32), labels
 
 
-def load_cifar10(root, device, url=URL):
-    """{'train_x', 'train_y', 'test_x', 'test_y'} on `device`, images as uint8."""
+def load_cifar10(root, device, url=None):
+    """{'train_x', 'train_y', 'test_x', 'test_y'} on `device`, images as uint8; downloads from
+    `url` (default URL) when root holds no batches."""
     folder = batches_folder(root)
     names = TRAIN_FILES + TEST_FILES
     present = [name for name in names if os.path.isfile(os.path.join(folder, name))]
     if not present:
-        download(root, url)
+        download(root, url or URL)
         folder = batches_folder(root)
     elif len(present) < len(names):
         missing = [name for name in names if name not in present]

@@ -64,6 +64,7 @@ def write_atomic(path, data):
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp-')
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; keep the usual mode
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -72,6 +73,12 @@ def write_atomic(path, data):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path, obj):

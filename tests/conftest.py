@@ -1,0 +1,40 @@
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get('QUPED_SHARED_DIR', ROOT / '..' / 'shared'))
+MINI = SHARED / 'data' / 'cifar10-mini'
+PRETRAINED = SHARED / 'reference' / 'pretrained'
+
+
+def write_batch(path, images, labels):
+    """One batch file in the standard CIFAR-10 python format."""
+    with open(path, 'wb') as f:
+        pickle.dump({'batch_label': path.name, 'labels': [int(v) for v in labels],
+                     'data': images.reshape(len(labels), -1),
+                     'filenames': [f'{i}.png' for i in range(len(labels))]}, f)
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    """A small data set in the standard format: 5 x 40 training and 40 test images whose
+    pixels depend on their class, so that a model can learn something."""
+    folder = tmp_path / 'data' / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        labels = rng.integers(0, 10, 40)
+        base = (labels[:, None, None, None] * 25).astype(np.int64)
+        noise = rng.integers(0, 30, (40, 3, 32, 32))
+        write_batch(folder / name, (base + noise).clip(0, 255).astype(np.uint8), labels)
+    return tmp_path / 'data'
+
+
+def needs(path):
+    return pytest.mark.skipif(not Path(path).exists(), reason=f'{path} is absent')

@@ -1,0 +1,428 @@
+"""main_centralized.py and data.py: overrides, schedules, data, outputs, resume, bad input."""
+import hashlib
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import main_centralized as mc
+import resnet
+import runtime
+import utils
+from conftest import ROOT, write_batch
+
+TIMINGS = ('train_seconds', 'eval_seconds')
+
+
+def run_args(cifar_root, tmp_path, *extra, name='run'):
+    return [f'--data_root={cifar_root}', f'--results_dir={tmp_path / "results"}',
+            f'--run_name={name}', '--resn=8', '--cold_start=True', '--EPOCHS=2',
+            '--BATCH_SIZE=50', *extra]
+
+
+def rows(folder):
+    with open(os.path.join(folder, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timings(metrics):
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in metrics]
+
+
+def digests(folder):
+    return {name: hashlib.sha256(open(os.path.join(folder, name), 'rb').read()).hexdigest()
+            for name in sorted(os.listdir(folder))}
+
+
+def fails_with(capsys, argv, *phrases):
+    with pytest.raises(SystemExit) as exit_info:
+        mc.main(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith('error: ') and 'Traceback' not in message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+# --- overrides -------------------------------------------------------------------------------
+
+def test_overrides_are_checked_against_the_defaults_types():
+    got = mc.parse_overrides(['--lambda_coef=8e-4', '--lr2=0', '--EPOCHS=30', '--adam=False',
+                              '--lr2_milestones=(10,17)', '--lr_milestones=[5]',
+                              '--run_name=123', '--device=cpu'])
+    assert got == {'lambda_coef': 8e-4, 'lr2': 0.0, 'EPOCHS': 30, 'adam': False,
+                   'lr2_milestones': (10, 17), 'lr_milestones': (5,), 'run_name': '123',
+                   'device': 'cpu'}
+    assert type(got['lr2']) is float  # an int where a float is expected is fine
+
+
+@pytest.mark.parametrize('arg, phrase', [
+    ('--EPOCHS=ten', 'is not int'), ('--EPOCHS=2.5', 'is not int'), ('--adam=yes', 'is not bool'),
+    ('--lr2=abc', 'is not float'), ('--n_centroids=True', 'is not int'),
+    ('--lr2_milestones=(1.5,3)', 'tuple of ints'), ('EPOCHS=3', '--name=value'),
+    ('--EPOCHS', '--name=value')])
+def test_ill_typed_or_malformed_overrides(arg, phrase):
+    with pytest.raises(mc.ConfigError, match=phrase):
+        mc.parse_overrides([arg])
+
+
+def test_unknown_name_lists_the_valid_ones(capsys):
+    message = fails_with(capsys, ['--epochs=3'], "unknown hyperparameter 'epochs'")
+    assert all(name in message for name in mc.DEFAULTS)
+
+
+def test_defaults_are_the_papers_headline_setting():
+    d = mc.DEFAULTS
+    assert (d['resn'], d['n_centroids'], d['cold_start'], d['adam'], d['l1']) == (20, 2, False,
+                                                                                 True, True)
+    assert (d['lambda_coef'], d['lr2'], d['freeze_epoch'], d['EPOCHS'], d['BATCH_SIZE']) == (
+        1e-4, 1e-4, 200, 250, 128)
+    assert d['center_reg_fix'] is False
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+def cfg_with(**changes):
+    return {**mc.DEFAULTS, **changes}
+
+
+@pytest.mark.parametrize('epoch, lam, lam2, lr2, frozen', [
+    (0, 1e-4, 1e-4, 1e-4, False), (79, 8e-3, 8e-3, 1e-4, False), (80, 8.1e-3, 8.1e-3, 1e-5, False),
+    (139, 1.4e-2, 1.4e-2, 1e-5, False), (140, 1.41e-2, 1.41e-2, 1e-6, False),
+    (198, 1.99e-2, 1.99e-2, 1e-6, False), (199, 2e-2, 0, 1e-6, True),
+    (200, 2.01e-2, 0, 1e-6, True), (249, 2.5e-2, 0, 1e-6, True)])
+def test_default_schedule_by_hand(epoch, lam, lam2, lr2, frozen):
+    s = mc.schedule(cfg_with(), epoch)
+    assert (s['lam'], s['lam2'], s['lr2'], s['frozen']) == (
+        pytest.approx(lam), pytest.approx(lam2), pytest.approx(lr2), frozen)
+    assert s['freeze_now'] == (epoch == 199)
+
+
+@pytest.mark.parametrize('epoch, lam', [(99, 1e-2), (100, 1e-3 * 101), (149, 1e-3 * 150),
+                                        (150, 1e-2 * 151)])
+def test_sgd_lambda_grows_tenfold_at_each_learning_rate_drop(epoch, lam):
+    assert mc.schedule(cfg_with(adam=False), epoch)['lam'] == pytest.approx(lam)
+    assert mc.schedule(cfg_with(adam=False, resn=8), epoch)['lam'] == pytest.approx(
+        1e-4 * (epoch + 1))  # not for ResNet-8
+
+
+def test_lambda_drops_follow_the_optimizers_learning_rate():
+    cfg = cfg_with(adam=False, lr_milestones=(3, 5))
+    optimizer, scheduler = mc.build_optimizer(cfg, resnet.build('resnet8'))
+    for epoch in range(7):
+        drops = round(math.log10(mc.SGD_LR / optimizer.param_groups[0]['lr']))
+        assert mc.schedule(cfg, epoch)['lam'] == pytest.approx(1e-4 * 10 ** drops * (epoch + 1))
+        optimizer.step()  # no gradients: only keeps the scheduler's order check quiet
+        scheduler.step()
+    assert drops == 2
+
+
+def test_custom_milestones_freeze_and_fixed_centers():
+    cfg = cfg_with(lr2_milestones=(10, 17), freeze_epoch=25, EPOCHS=30)
+    lr2 = [mc.schedule(cfg, e)['lr2'] for e in range(30)]
+    assert lr2[9] == pytest.approx(1e-4) and lr2[10] == pytest.approx(1e-5)
+    assert lr2[17] == pytest.approx(1e-6) and lr2[29] == pytest.approx(1e-6)
+    assert [e for e in range(30) if mc.schedule(cfg, e)['freeze_now']] == [24]
+    assert not any(mc.schedule(cfg_with(freeze_epoch=300), e)['frozen'] for e in range(250))
+    assert {mc.schedule(cfg_with(lr2=0.0), e)['lr2'] for e in range(250)} == {0.0}
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def test_loads_a_small_set_in_the_standard_format(cifar_root):
+    cifar = data.load_cifar10(cifar_root, 'cpu')
+    assert cifar['train_x'].shape == (200, 3, 32, 32) and cifar['train_x'].dtype == torch.uint8
+    assert cifar['test_y'].shape == (40,)
+    with open(cifar_root / 'cifar-10-batches-py' / 'data_batch_2', 'rb') as f:
+        raw = pickle.load(f)
+    assert torch.equal(cifar['train_x'][40:80].reshape(40, -1), torch.as_tensor(raw['data']))
+    assert cifar['train_y'][40:80].tolist() == raw['labels']
+
+
+def test_augmentation_keeps_labels_paired_and_crops_inside_the_padding():
+    labels = torch.arange(64) % 10
+    images = (labels + 1).to(torch.uint8).view(64, 1, 1, 1).expand(64, 3, 32, 32).contiguous()
+    cifar = {'train_x': images, 'train_y': labels}
+    generator = torch.Generator().manual_seed(0)
+    offsets = set()
+    for x, y in data.train_batches(cifar, 16, generator):
+        raw = torch.round(x * torch.tensor(data.STD).view(1, 3, 1, 1) * 255
+                          + torch.tensor(data.MEAN).view(1, 3, 1, 1) * 255)
+        for image, label in zip(raw, y):
+            inside = image != 0  # padding is zero; every image pixel is label + 1
+            assert set(image[inside].tolist()) == {label.item() + 1}
+            rows, cols = inside[0].any(1).nonzero(), inside[0].any(0).nonzero()
+            assert len(rows) >= 28 and len(cols) >= 28  # at most 4 padded rows / columns
+            assert inside[0].sum() == len(rows) * len(cols)  # one rectangle
+            offsets.add((rows[0].item() - (32 - len(rows)), cols[0].item()))
+    assert len(offsets) > 10  # the crops do vary
+
+
+def test_augmentation_flips_horizontally():
+    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    image[..., :16] = 200  # left half bright
+    seen = set()
+    for seed in range(20):
+        out = data.augment(image, torch.Generator().manual_seed(seed))
+        seen.add(bool(out[0, 0, 16, 8] == 200))  # left-middle pixel: bright unless flipped
+    assert seen == {True, False}
+
+
+# --- a whole run -----------------------------------------------------------------------------
+
+def test_two_epoch_run_writes_every_output(cifar_root, tmp_path, capsys):
+    folder = mc.main(run_args(cifar_root, tmp_path))
+    out = capsys.readouterr().out
+    assert 'device: cpu' in out and 'data: 200 training and 40 test images' in out
+    assert out.count('epoch ') >= 2 and '"EPOCHS": 2' in out
+    assert sorted(os.listdir(folder)) == sorted(
+        ['best_fp.pt', 'best_quantized.pt', 'config.json', 'last.pt', 'metrics.jsonl',
+         'q_testacc.txt', 'q_trainloss.txt', 'test.txt', 'train.txt'])
+    metrics = rows(folder)
+    assert [row['epoch'] for row in metrics] == [1, 2]
+    for filename, key in mc.LOGS.items():
+        with open(os.path.join(folder, filename)) as f:
+            assert json.load(f) == [row[key] for row in metrics]
+    for row in metrics:
+        assert 0 <= row['test_acc'] <= 1 and 0 <= row['q_test_acc'] <= 1
+        assert len(row['centers']) == 6 and sum(map(sum, row['members'])) == sum(
+            utils.QuantizedWeights(resnet.build('resnet8')).numels)
+    assert metrics[1]['lambda'] == pytest.approx(2e-4)
+    with open(os.path.join(folder, 'config.json')) as f:
+        assert json.load(f)['EPOCHS'] == 2
+    best_q = torch.load(os.path.join(folder, 'best_quantized.pt'), weights_only=True)
+    assert set(best_q) == {'state_dict', 'centers', 'config', 'epoch', 'metrics'}
+    assert best_q['config']['n_centroids'] == 2
+
+
+def test_best_quantized_checkpoint_reproduces_its_logged_accuracy(cifar_root, tmp_path, capsys):
+    folder = mc.main(run_args(cifar_root, tmp_path))
+    model, config = mc.load_model(os.path.join(folder, 'best_quantized.pt'))
+    best = max(rows(folder), key=lambda row: row['q_test_acc'])
+    cifar = data.load_cifar10(cifar_root, 'cpu')
+    assert mc.evaluate_model(model, cifar['test_x'], cifar['test_y'])[1] == best['q_test_acc']
+    weights = utils.QuantizedWeights(model)  # the weights sit on the saved centers
+    centers = torch.tensor(best['centers'])
+    assert torch.equal(weights.flat(), utils.quantize(weights.flat(), weights.layer, centers)[0])
+    capsys.readouterr()
+    mc.main([f'--evaluate={folder}/best_quantized.pt', f'--data_root={cifar_root}'])
+    assert f"test accuracy {best['q_test_acc']:.4f}" in capsys.readouterr().out
+
+
+def test_same_seed_same_numbers(cifar_root, tmp_path):
+    a = mc.main(run_args(cifar_root, tmp_path, name='a'))
+    b = mc.main(run_args(cifar_root, tmp_path, name='b'))
+    assert without_timings(rows(a)) == without_timings(rows(b))
+
+
+def test_fp_run_saves_a_warm_start_that_loads(cifar_root, tmp_path, capsys):
+    target = tmp_path / 'pretrained' / 'mine.pt'
+    mc.main(run_args(cifar_root, tmp_path, '--fp=True', '--fp_epochs=1', '--save_pretrained=True',
+                     f'--pretrained_path={target}', name='fp'))
+    assert rows(tmp_path / 'results' / 'fp')[0]['lr1'] == mc.SGD_LR
+    folder = mc.main(run_args(cifar_root, tmp_path, '--cold_start=False', '--EPOCHS=1',
+                              f'--pretrained_path={target}', name='warm'))
+    assert f'warm start from {target}' in capsys.readouterr().out
+    assert len(rows(folder)) == 1
+    fails_with(capsys, run_args(cifar_root, tmp_path, '--fp=True', '--save_pretrained=True',
+                                f'--pretrained_path={target}', name='again'), 'overwrite')
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+RESUME_ARGS = ('--resn=20', '--adam=False', '--lr_milestones=(2,)', '--freeze_epoch=3',
+               '--EPOCHS=4', '--n_centroids=4')
+
+
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in the run catches it."""
+
+
+def test_resume_after_a_kill_between_epochs_or_mid_epoch(cifar_root, tmp_path, monkeypatch):
+    whole = mc.main(run_args(cifar_root, tmp_path, *RESUME_ARGS, name='whole'))
+    expected = without_timings(rows(whole))
+    assert [row['frozen'] for row in expected] == [False, False, True, True]
+
+    real_save_last = mc.save_last
+
+    def killed_after_epoch_1(cfg, state, folder, rows_so_far):
+        real_save_last(cfg, state, folder, rows_so_far)
+        if len(rows_so_far) == 1:
+            raise Killed
+
+    real_update = utils.quped_update
+    calls = []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # 4 batches per epoch: the second batch of epoch 2
+            raise Killed
+        return real_update(*args, **kwargs)
+
+    for name, target, fake in (('between', mc, ('save_last', killed_after_epoch_1)),
+                               ('mid', utils, ('quped_update', killed_in_epoch_2))):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, *fake)
+            with pytest.raises(Killed):
+                mc.main(run_args(cifar_root, tmp_path, *RESUME_ARGS, name=name))
+        folder = tmp_path / 'results' / name
+        assert len(rows(folder)) == 1
+        mc.main([f'--resume={folder}'])
+        assert without_timings(rows(folder)) == expected
+        last, ref = (torch.load(os.path.join(f, 'last.pt'), weights_only=True)
+                     for f in (folder, whole))
+        assert all(torch.equal(last['model'][k], ref['model'][k]) for k in ref['model'])
+
+
+def test_resume_refuses_changed_hyperparameters_and_missing_runs(cifar_root, tmp_path, capsys):
+    folder = mc.main(run_args(cifar_root, tmp_path))
+    before = digests(folder)
+    fails_with(capsys, [f'--resume={folder}', '--lambda_coef=1e-3'], 'lambda_coef',
+               'keeps its configuration')
+    fails_with(capsys, [f'--resume={tmp_path}'], 'no last.pt')
+    assert digests(folder) == before
+    mc.main([f'--resume={folder}', '--EPOCHS=3'])  # extending a run is allowed
+    assert [row['epoch'] for row in rows(folder)] == [1, 2, 3]
+
+
+# --- atomic writes ---------------------------------------------------------------------------
+
+def test_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / 'log.txt'
+    runtime.write_atomic(path, b'first')
+
+    def broken_replace(*args):
+        raise OSError('disk full')
+    monkeypatch.setattr(os, 'replace', broken_replace)
+    with pytest.raises(OSError):
+        runtime.write_atomic(path, b'second')
+    assert path.read_bytes() == b'first' and os.listdir(tmp_path) == ['log.txt']
+
+
+WRITER = """
+import sys, hashlib
+sys.path.insert(0, sys.argv[1])
+import runtime
+i = 0
+while True:
+    payload = str(i).encode() * 2_000_000
+    runtime.write_atomic(sys.argv[2], hashlib.sha256(payload).hexdigest().encode() + payload)
+    if i == 0:
+        print('written', flush=True)
+    i += 1
+"""
+
+
+def test_a_kill_mid_write_leaves_a_complete_file(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    for delay in (0.05, 0.23, 0.41):
+        child = subprocess.Popen([sys.executable, '-c', WRITER, str(ROOT), str(path)],
+                                 stdout=subprocess.PIPE)
+        assert child.stdout.readline() == b'written\n'
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        content = path.read_bytes()
+        digest, payload = content[:64], content[64:]
+        assert hashlib.sha256(payload).hexdigest().encode() == digest
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('arg, phrase', [
+    ('--n_centroids=1', 'n_centroids=1'), ('--EPOCHS=0', 'EPOCHS=0'),
+    ('--BATCH_SIZE=0', 'BATCH_SIZE=0'), ('--lambda_coef=-1e-4', 'lambda_coef=-0.0001'),
+    ('--lr2=-1e-4', 'lr2=-0.0001'), ('--weight_decay=-1.0', 'weight_decay'),
+    ('--resn=21', 'resn=21'), ('--lr2_milestones=(140,80)', 'increasing'),
+    ('--freeze_epoch=0', 'freeze_epoch=0')])
+def test_bad_hyperparameter_values(capsys, tmp_path, arg, phrase):
+    fails_with(capsys, [arg, f'--results_dir={tmp_path}'], phrase)
+    assert not os.listdir(tmp_path)
+
+
+def test_lr2_zero_is_valid():
+    assert mc.make_config(['--lr2=0'])['lr2'] == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_cuda_asked_for_without_a_gpu(capsys):
+    fails_with(capsys, ['--device=cuda', '--evaluate=x.pt'], 'no usable CUDA')
+
+
+def test_bad_checkpoints(cifar_root, tmp_path, capsys):
+    warm = ['--cold_start=False', '--resn=20']
+    fails_with(capsys, run_args(cifar_root, tmp_path, *warm,
+                                f'--pretrained_path={tmp_path}/none.pt'),
+               f'{tmp_path}/none.pt', 'does not exist', '--cold_start=True')
+    (tmp_path / 'junk.pt').write_bytes(b'\x80\x02garbage')
+    fails_with(capsys, run_args(cifar_root, tmp_path, *warm,
+                                f'--pretrained_path={tmp_path}/junk.pt'), 'damaged')
+    torch.save(resnet.build('resnet32').state_dict(), tmp_path / 'r32.pt')
+    fails_with(capsys, run_args(cifar_root, tmp_path, *warm,
+                                f'--pretrained_path={tmp_path}/r32.pt'),
+               'does not fit resnet20', 'looks like a resnet32')
+    assert not (tmp_path / 'results').exists()  # no run folder for a run that never started
+
+
+def test_offline_download_of_the_warm_start_explains_what_to_do(cifar_root, tmp_path, capsys,
+                                                               monkeypatch):
+    name, _, digest = mc.PUBLISHED[20]
+    monkeypatch.setitem(mc.PUBLISHED, 20, (name, 'http://127.0.0.1:9/resnet20.pt', digest))
+    monkeypatch.setattr(mc, 'PRETRAINED_DIR', str(tmp_path / 'pretrained'))
+    fails_with(capsys, run_args(cifar_root, tmp_path, '--cold_start=False', '--resn=20'),
+               'could not be downloaded from http://127.0.0.1:9/resnet20.pt',
+               str(tmp_path / 'pretrained' / name), digest)
+    assert not (tmp_path / 'pretrained' / name).exists()
+
+
+def test_offline_download_of_cifar10_explains_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, 'URL', 'http://127.0.0.1:9/cifar-10-python.tar.gz')
+    fails_with(capsys, run_args(tmp_path / 'empty', tmp_path),
+               'could not be downloaded from http://127.0.0.1:9/cifar-10-python.tar.gz',
+               str(tmp_path / 'empty'), 'tar xzf')
+
+
+def test_incomplete_or_malformed_data(cifar_root, tmp_path, capsys):
+    folder = cifar_root / 'cifar-10-batches-py'
+    batch3 = (folder / 'data_batch_3').read_bytes()
+    (folder / 'data_batch_3').unlink()
+    fails_with(capsys, run_args(cifar_root, tmp_path), 'lacks data_batch_3')
+    write_batch(folder / 'data_batch_3', np.zeros((40, 3, 16, 16), np.uint8), [0] * 40)
+    fails_with(capsys, run_args(cifar_root, tmp_path), 'data_batch_3 is malformed')
+    (folder / 'data_batch_3').write_bytes(batch3[:1000])
+    fails_with(capsys, run_args(cifar_root, tmp_path), 'data_batch_3 is not a readable')
+
+
+def test_existing_run_folder_is_never_overwritten(cifar_root, tmp_path, capsys):
+    folder = mc.main(run_args(cifar_root, tmp_path))
+    before = digests(folder)
+    fails_with(capsys, run_args(cifar_root, tmp_path), 'already holds a run', '--resume=')
+    assert digests(folder) == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(cifar_root, tmp_path, capsys,
+                                                             monkeypatch):
+    real_schedule = mc.schedule
+
+    def exploding_from_epoch_2(cfg, epoch):
+        s = real_schedule(cfg, epoch)
+        return {**s, 'lr2': math.inf} if epoch >= 1 else s
+    monkeypatch.setattr(mc, 'schedule', exploding_from_epoch_2)
+    with pytest.raises(SystemExit):
+        mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=3'))
+    message = capsys.readouterr().err
+    assert 'non-finite in epoch 2' in message and 'outputs of epoch 1' in message
+    folder = tmp_path / 'results' / 'run'
+    assert [row['epoch'] for row in rows(folder)] == [1]
+    last = torch.load(folder / 'last.pt', weights_only=True)
+    assert last['epoch'] == 1 and torch.isfinite(last['centers']).all()

@@ -146,10 +146,9 @@ def check_config(cfg):
         raise ConfigError('; '.join(problems) + '. Fix these hyperparameters and run again.')
 
 
-def resolve_pretrained_path(cfg):
-    if cfg['pretrained_path']:
-        return cfg['pretrained_path']
-    name = PUBLISHED[cfg['resn']][0] if cfg['resn'] in PUBLISHED else f"resnet{cfg['resn']}_fp.pt"
+def default_pretrained_path(depth):
+    """pretrained/<the authors' file> for ResNet-20/32, pretrained/resnet{depth}_fp.pt else."""
+    name = PUBLISHED[depth][0] if depth in PUBLISHED else f"resnet{depth}_fp.pt"
     return os.path.join(PRETRAINED_DIR, name)
 
 
@@ -157,7 +156,7 @@ def make_config(argv):
     cfg = dict(DEFAULTS)
     cfg.update(parse_overrides(argv))
     check_config(cfg)
-    cfg['pretrained_path'] = resolve_pretrained_path(cfg)
+    cfg['pretrained_path'] = cfg['pretrained_path'] or default_pretrained_path(cfg['resn'])
     return cfg
 
 
@@ -223,8 +222,8 @@ def download_published(resn_depth, path):
 def warm_start(cfg, model):
     path = cfg['pretrained_path']
     if not os.path.exists(path):
-        if cfg['resn'] not in PUBLISHED or path != resolve_pretrained_path(
-                {**cfg, 'pretrained_path': ''}):
+        published = cfg['resn'] in PUBLISHED and path == default_pretrained_path(cfg['resn'])
+        if not published:
             raise resnet.CheckpointError(
                 f"the warm-start checkpoint {path} does not exist and the authors published none "
                 f"for this path. Train one with --fp=True --save_pretrained=True "
@@ -409,6 +408,7 @@ def save_last(cfg, state, folder, rows):
         'centers': state['centers'], 'generator': state['generator'].get_state(),
         'torch_rng': torch.get_rng_state(), 'python_rng': random.getstate(),
         'best_test_acc': state['best_test_acc'], 'best_q_test_acc': state['best_q_test_acc'],
+        # for inspection only: a resumed run recomputes it from the epoch
         'schedule': schedule(cfg, len(rows)) if len(rows) < total_epochs(cfg) else None})
 
 

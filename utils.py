@@ -187,19 +187,20 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
     q, key = quantize(w, weights.layer, centers)
     grad = quantized_loss_grad(weights, q.requires_grad_(), x, y, loss_fn)
     with torch.no_grad():
-        q = q.detach()
-        per_weight = torch.stack([grad, torch.ones_like(w), (w > q).to(w.dtype),
-                                  (w < q).to(w.dtype), w], dim=1)
-        per_index = torch.zeros(n_layers * n, 5, device=w.device, dtype=w.dtype)
-        per_index.index_add_(0, key, per_weight)
+        # Per (layer, center index) sums of: the gradient, 1, and sign(x - q) for L1 (its sum is
+        # pos - neg) or x for L2. One 1-D index_add_ each: deterministic, also on CUDA.
+        third = torch.sign(w - q.detach()) if l1 else w
+        per_index = torch.zeros(3, n_layers * n, device=w.device, dtype=w.dtype)
+        for row, values in zip(per_index, (grad, torch.ones_like(w), third)):
+            row.index_add_(0, key, values)
         same = (centers.unsqueeze(2) == centers.unsqueeze(1)).to(w.dtype)
-        g, members, pos, neg, total = (same @ per_index.view(n_layers, n, 5)).unbind(-1)
+        g, members, third = (same @ per_index.view(3, n_layers, n, 1)).squeeze(-1)
         if l1:
-            reg = lam2 * lr2 * (pos - neg)
+            reg = lam2 * lr2 * third
             centers += -(lr2 * g.clamp(-CENTER_GRAD_CLIP, CENTER_GRAD_CLIP)
                          + (-reg if center_reg_fix else reg))
         else:
-            centers += -lr2 * g + 2 * lam2 * lr2 * total
+            centers += -lr2 * g + 2 * lam2 * lr2 * third
             centers /= 1 + 2 * lam2 * lr2 * members
         centers.copy_(centers.sort(dim=1).values)
     return members

@@ -39,6 +39,13 @@ def tiny_setup(inputs_w1=1.0, w1=W1, centers_w1=(-0.4, 0.6)):
     return model, weights, centers, x
 
 
+def resnet8_with_centers(n, seed=0):
+    torch.manual_seed(seed)
+    model = resnet.build('resnet8')
+    weights = utils.QuantizedWeights(model)
+    return model, weights, utils.init_centers(weights, n)
+
+
 def test_quantized_layers_are_every_4d_weight_but_the_first():
     assert utils.QuantizedWeights(Tiny(W1)).names == ['w1', 'w2']
     for arch, count in (('resnet8', 6), ('resnet20', 18), ('resnet32', 30)):
@@ -91,10 +98,7 @@ def test_assignment_for_two_centers_is_by_sign_even_when_both_are_positive():
 
 @pytest.mark.parametrize('n', [2, 3, 4, 8])
 def test_quantizer_is_idempotent(n):
-    torch.manual_seed(0)
-    model = resnet.build('resnet8')
-    weights = utils.QuantizedWeights(model)
-    centers = utils.init_centers(weights, n)
+    _, weights, centers = resnet8_with_centers(n)
     q, _ = utils.quantize(weights.flat(), weights.layer, centers)
     again, _ = utils.quantize(q, weights.layer, centers)
     assert torch.equal(again, q)
@@ -114,10 +118,7 @@ def test_prox_with_zero_lambda_only_clamps():
 
 @pytest.mark.parametrize('n', [2, 4])
 def test_prox_with_huge_lambda_puts_every_weight_on_its_center(n):
-    torch.manual_seed(0)
-    model = resnet.build('resnet8')
-    weights = utils.QuantizedWeights(model)
-    centers = utils.init_centers(weights, n)
+    _, weights, centers = resnet8_with_centers(n)
     q, _ = utils.quantize(weights.flat(), weights.layer, centers)
     utils.prox_step(weights, centers, lr1=0.1, lam=1e6, l1=True, lr2=1e-4)
     assert torch.equal(weights.flat(), q)
@@ -233,10 +234,7 @@ def test_center_step_leaves_the_full_precision_model_untouched():
 
 @pytest.mark.parametrize('n', [2, 3, 5])
 def test_update_runs_for_any_n_and_keeps_rows_sorted(n):
-    torch.manual_seed(n)
-    model = resnet.build('resnet8')
-    weights = utils.QuantizedWeights(model)
-    centers = utils.init_centers(weights, n)
+    _, weights, centers = resnet8_with_centers(n, seed=n)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     members = utils.quped_update(weights, centers, x, y, lr1=0.1, lr2=1e-2, lam=1e-3, lam2=1e-3)
     assert members.shape == (6, n)

@@ -254,33 +254,29 @@ def evaluate_model(model, images, labels, params=None):
 
 def load_model(path, device='cpu'):
     """A ready model (eval mode) from one of our checkpoints (best_fp.pt, best_quantized.pt,
-    last.pt) or any ResNet state_dict, and the checkpoint's config ({} for a bare state_dict).
-    best_quantized.pt holds the quantized weights Q_c(x), so the model it gives is the
-    quantized model."""
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise resnet.CheckpointError(f"checkpoint {path!r} does not exist.")
-    except Exception:
-        checkpoint = None  # resnet.read_state_dict reports the failure
-    config = checkpoint.get('config', {}) if isinstance(checkpoint, dict) else {}
-    state = resnet.read_state_dict(path)
-    arch = f"resnet{config['resn']}" if 'resn' in config else resnet.guess_arch(state)
+    last.pt) or any CIFAR ResNet state_dict, and the checkpoint's `config`, `epoch` and
+    `metrics` ({} for a bare state_dict). best_quantized.pt holds the quantized weights Q_c(x),
+    so the model it gives is the quantized model."""
+    state = resnet.read_state_dict(path)  # reports a missing or damaged file
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    info = {k: checkpoint[k] for k in ('config', 'epoch', 'metrics')
+            if isinstance(checkpoint, dict) and k in checkpoint}
+    arch = f"resnet{info['config']['resn']}" if 'config' in info else resnet.guess_arch(state)
     if arch is None:
         raise resnet.CheckpointError(f"checkpoint {path!r} is not a CIFAR ResNet of this "
                                      f"project (no layer1 blocks found).")
     model = resnet.build(arch)
     resnet.load_checkpoint(model, path, arch)
-    return model.to(device).eval(), config
+    return model.to(device).eval(), info
 
 
 def report_checkpoint(cfg, dev):
-    model, config = load_model(cfg['evaluate'], dev)
+    model, info = load_model(cfg['evaluate'], dev)
     cifar = data.load_cifar10(cfg['data_root'], dev)
     loss, acc = evaluate_model(model, cifar['test_x'], cifar['test_y'])
+    saved = f", saved after epoch {info['epoch']}" if 'epoch' in info else ''
     print(f"{cfg['evaluate']}: test accuracy {acc:.4f} (loss {loss:.4f}) on "
-          f"{cifar['test_y'].shape[0]} test images" +
-          (f", epoch {config.get('epoch')}" if config else ''))
+          f"{cifar['test_y'].shape[0]} test images{saved}")
     return acc
 
 

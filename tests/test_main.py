@@ -207,8 +207,9 @@ def test_two_epoch_run_writes_every_output(cifar_root, tmp_path, capsys):
 
 def test_best_quantized_checkpoint_reproduces_its_logged_accuracy(cifar_root, tmp_path, capsys):
     folder = mc.main(run_args(cifar_root, tmp_path))
-    model, config = mc.load_model(os.path.join(folder, 'best_quantized.pt'))
+    model, info = mc.load_model(os.path.join(folder, 'best_quantized.pt'))
     best = max(rows(folder), key=lambda row: row['q_test_acc'])
+    assert info['epoch'] == best['epoch'] and info['config']['resn'] == 8
     cifar = data.load_cifar10(cifar_root, 'cpu')
     assert mc.evaluate_model(model, cifar['test_x'], cifar['test_y'])[1] == best['q_test_acc']
     weights = utils.QuantizedWeights(model)  # the weights sit on the saved centers
@@ -216,7 +217,9 @@ def test_best_quantized_checkpoint_reproduces_its_logged_accuracy(cifar_root, tm
     assert torch.equal(weights.flat(), utils.quantize(weights.flat(), weights.layer, centers)[0])
     capsys.readouterr()
     mc.main([f'--evaluate={folder}/best_quantized.pt', f'--data_root={cifar_root}'])
-    assert f"test accuracy {best['q_test_acc']:.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"test accuracy {best['q_test_acc']:.4f}" in out
+    assert f"saved after epoch {best['epoch']}" in out
 
 
 def test_same_seed_same_numbers(cifar_root, tmp_path):

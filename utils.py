@@ -187,20 +187,21 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
     q, key = quantize(w, weights.layer, centers)
     grad = quantized_loss_grad(weights, q.requires_grad_(), x, y, loss_fn)
     with torch.no_grad():
-        # Per (layer, center index) sums of: the gradient, 1, and sign(x - q) for L1 (its sum is
-        # pos - neg) or x for L2. One 1-D index_add_ each: deterministic, also on CUDA.
-        third = torch.sign(w - q.detach()) if l1 else w
+        # Per (layer, center index) sums of the gradient, of 1, and of the regulariser's term:
+        # sign(x - q) for L1 (it sums to pos - neg), x for L2 (it sums to s). One 1-D
+        # index_add_ each: deterministic, also on CUDA.
+        reg_term = torch.sign(w - q.detach()) if l1 else w
         per_index = torch.zeros(3, n_layers * n, device=w.device, dtype=w.dtype)
-        for row, values in zip(per_index, (grad, torch.ones_like(w), third)):
+        for row, values in zip(per_index, (grad, torch.ones_like(w), reg_term)):
             row.index_add_(0, key, values)
         same = (centers.unsqueeze(2) == centers.unsqueeze(1)).to(w.dtype)
-        g, members, third = (same @ per_index.view(3, n_layers, n, 1)).squeeze(-1)
+        g, members, reg_sum = (same @ per_index.view(3, n_layers, n, 1)).squeeze(-1)
         if l1:
-            reg = lam2 * lr2 * third
+            reg = lam2 * lr2 * reg_sum
             centers += -(lr2 * g.clamp(-CENTER_GRAD_CLIP, CENTER_GRAD_CLIP)
                          + (-reg if center_reg_fix else reg))
         else:
-            centers += -lr2 * g + 2 * lam2 * lr2 * third
+            centers += -lr2 * g + 2 * lam2 * lr2 * reg_sum
             centers /= 1 + 2 * lam2 * lr2 * members
         centers.copy_(centers.sort(dim=1).values)
     return members

@@ -86,7 +86,8 @@ class ResNet(nn.Module):
 def build(arch):
     """A freshly initialised `arch` ('resnet20', ...)."""
     if arch not in BLOCKS_PER_STAGE:
-        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(BLOCKS_PER_STAGE)}")
+        raise ValueError(f"unknown architecture {arch!r}: choose one of "
+                         f"{', '.join(BLOCKS_PER_STAGE)}")
     return ResNet(BLOCKS_PER_STAGE[arch])
 
 
@@ -132,9 +133,10 @@ def read_state_dict(path):
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
+        reason = str(e).splitlines()[0] if str(e) else ''
         raise CheckpointError(f"checkpoint {path!r} could not be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged or "
-                              f"not a PyTorch checkpoint: delete it and download or re-create it.")
+                              f"{reason}); the file is damaged or not a PyTorch checkpoint: "
+                              f"delete it and download or re-create it.")
     for key in ('state_dict', 'model'):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

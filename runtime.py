@@ -20,10 +20,11 @@ def keep_freed_memory():
 
     A QuPeD iteration runs two forward/backward passes; with glibc's default thresholds the
     memory freed at the end of the second is returned to the kernel and faulted in again by the
-    next step: 20,000 to 150,000 page faults per step, about 5 % of a QuPeD iteration on a 2-core CPU (measured by
-    bench/step_time.py --glibc-defaults). Raising both thresholds (mmap to its 32 MiB maximum,
-    trim to 1 GiB) removes them; memory then stays at its peak. Returns True where applied
-    (glibc), False elsewhere.
+    next step: 20,000 to 150,000 page faults per step, about 5 % of a QuPeD iteration on a
+    2-core CPU (bench/step_time.py --glibc-defaults). Raising both thresholds (mmap to its
+    32 MiB maximum, trim to 1 GiB) removes them; memory then stays at its peak. Setting the trim
+    threshold alone is worse: it also turns off glibc's adaptive mmap threshold. Returns True
+    where applied (glibc), False elsewhere.
     """
     name = ctypes.util.find_library('c')
     try:

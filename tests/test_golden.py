@@ -24,15 +24,16 @@ import torch
 import resnet
 import utils
 
-GOLDEN_DIR = Path(os.environ.get('QUPED_GOLDEN_DIR',
-                                 Path(__file__).resolve().parents[1] / '../shared/reference/golden'))
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get('QUPED_GOLDEN_DIR', REPO / '../shared/reference/golden'))
 GOLDEN_FILES = sorted(GOLDEN_DIR.glob('*.pt')) if GOLDEN_DIR.is_dir() else []
 RTOL = 1e-5
 
 
 def compare_exact(label, got, want):
     if got.shape != want.shape or not torch.equal(got.to(want.dtype), want):
-        diff = (got.double() - want.double()).abs().max().item() if got.shape == want.shape else None
+        same_shape = got.shape == want.shape
+        diff = (got.double() - want.double()).abs().max().item() if same_shape else None
         return [f"{label}: not equal (shape {tuple(got.shape)} vs {tuple(want.shape)}, "
                 f"max abs diff {diff})"]
     return []

@@ -6,6 +6,7 @@ as ../shared/data/cifar10-mini too (the full-set checksum is only checked on dow
 augmentation is the reference's (random crop 32 with zero padding 4, horizontal flip) done on
 whole batches with index arithmetic, with no per-image PIL work and no worker processes.
 """
+import functools
 import os
 import pickle
 
@@ -88,10 +89,17 @@ def load_cifar10(root, device, url=None):
             'test_y': torch.cat([y for _, y in test]).to(device)}
 
 
+@functools.lru_cache
+def channel_stats(device):
+    """MEAN and STD as [1, 3, 1, 1] tensors on `device`, made once: building them per batch
+    would copy from the host, and wait for it, at every step on a GPU."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(images):
     """uint8 [B, 3, 32, 32] -> float, scaled to [0, 1] and standardised per channel."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = channel_stats(images.device)
     return (images.float() / 255 - mean) / std
 
 

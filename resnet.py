@@ -79,8 +79,11 @@ class ResNet(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        # The authors' pooling, a window as wide as the feature map: adaptive_avg_pool2d sums in
+        # another order (last-bit differences that Adam amplifies), and its CUDA backward is
+        # not deterministic.
+        out = F.avg_pool2d(out, out.size(3))
+        return self.linear(out.view(out.size(0), -1))
 
 
 def build(arch):
@@ -154,9 +157,19 @@ def guess_arch(state_dict):
     return next((a for a, n in BLOCKS_PER_STAGE.items() if n == len(blocks)), None)
 
 
+def fill_batch_counters(model, state):
+    """`state` with the BatchNorm step counters it lacks set to 0, as BatchNorm itself fills
+    them for checkpoints saved before PyTorch 0.4.1 had them (akamaster's, for one). Running
+    statistics and every weight stay required."""
+    missing = {f"{name}.num_batches_tracked" for name, module in model.named_modules()
+               if isinstance(module, nn.modules.batchnorm._BatchNorm)
+               and module.track_running_stats} - set(state)
+    return {**state, **{key: torch.tensor(0, dtype=torch.long) for key in missing}}
+
+
 def load_checkpoint(model, path, arch):
     """Load the weights in `path` into `model` (an `arch`), strictly, on the model's device."""
-    state = read_state_dict(path)
+    state = fill_batch_counters(model, read_state_dict(path))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -1,47 +1,73 @@
 """QuPeD's Algorithm 1 on any nn.Module: centers, the quantizer Q_c, the weight prox step and the
-center step, computed as the authors' code computes them (../shared/reference/ALGORITHM.md).
+center step, computed as the authors' code computes them (../shared/reference/ALGORITHM.md), and
+the knowledge-distillation loss of its federated hooks.
 
 The quantized weights are gathered into one flat vector (`QuantizedWeights`), with a vector that
 says which layer each weight belongs to. Every step is then a few tensor operations over all
 layers and centers at once, with no host-device synchronisation. The quantized forward/backward
-of the center step runs the model itself through `torch.func.functional_call`, with the quantized
-weights, detached full-precision parameters and scratch BatchNorm buffers swapped in, so the
-full-precision model's parameters, gradients and running statistics are never touched.
+of the center step runs on a twin of the model (a copy made once), into which the quantized
+weights and the current full-precision parameters are copied; so the full-precision model's
+parameters, gradients and running statistics are never touched.
 
 This module imports no other module of this project.
 """
+import copy
+
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 CENTER_GRAD_CLIP = 10.0  # the reference clips the *summed* center gradient (quirk 2)
 
 
-class QuantizedWeights:
-    """The weights QuPeD quantizes, as the reference chooses them: every 4-D parameter except the
-    model's first parameter (for a CIFAR ResNet: every conv weight but `conv1.weight`).
+def resnet_rule(model):
+    """The names of the weights the reference quantizes in a ResNet: every 4-D parameter except
+    the model's first parameter (every conv weight but `conv1.weight`)."""
+    named = list(model.named_parameters())
+    return [name for i, (name, p) in enumerate(named) if i > 0 and p.dim() == 4]
 
-    Build it after the model is on its device: it keeps the layer index and scratch BatchNorm
-    buffers there.
+
+def cnet_rule(model, num_classes=10):
+    """The reference's rule for its small CNNs (`cnet=True`): every parameter except the first,
+    those of the final layer (first dimension `num_classes`) and the 1-D ones. Unlike the ResNet
+    rule, fully connected weights are quantized too."""
+    named = list(model.named_parameters())
+    return [name for i, (name, p) in enumerate(named)
+            if i > 0 and p.dim() > 1 and p.shape[0] != num_classes]
+
+
+class QuantizedWeights:
+    """The weights QuPeD quantizes, by default as the reference chooses them in a ResNet
+    (`resnet_rule`); `names` picks any other set of parameters (e.g. `cnet_rule(model)`).
+
+    Build it after the model is on its device: it keeps the layer index and the twin there.
     """
 
-    def __init__(self, model):
-        named = list(model.named_parameters())
+    def __init__(self, model, names=None):
+        params = dict(model.named_parameters())
         self.model = model
-        self.names = [name for i, (name, p) in enumerate(named) if i > 0 and p.dim() == 4]
+        self.names = list(resnet_rule(model) if names is None else names)
+        unknown = [name for name in self.names if name not in params]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not parameters of the model, so they cannot "
+                             f"be quantized; name parameters from model.named_parameters().")
         if not self.names:
-            raise ValueError("the model has no 4-D weight after its first parameter: QuPeD "
-                             "quantizes conv weights, and this model has none to quantize.")
-        params = dict(named)
+            raise ValueError("no weights to quantize: the ResNet rule quantizes the 4-D weights "
+                             "after the first parameter, and this model has none; pass `names`.")
         self.params = [params[name] for name in self.names]
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         device = self.params[0].device
         self.layer = torch.repeat_interleave(torch.arange(len(self.names), device=device),
                                              torch.tensor(self.numels, device=device))
-        # The center step's forward runs in training mode; BatchNorm then updates running
-        # statistics, which must land here and not in the full-precision model.
-        self.scratch_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        # The center step's forward runs in training mode on the twin: BatchNorm's running
+        # statistics there are scratch, never the model's.
+        self.twin = copy.deepcopy(model)
+        twin_params = dict(self.twin.named_parameters())
+        self.twin_pairs = [(twin_params[name], p) for name, p in params.items()
+                           if name not in set(self.names)]
+        self.twin_quantized = [twin_params[name] for name in self.names]
+        for name, p in twin_params.items():
+            p.requires_grad_(name in set(self.names))
 
     def __len__(self):
         return len(self.names)
@@ -148,30 +174,25 @@ def prox_step(weights, centers, lr1, lam, l1=True, lr2=1.0):
 
 
 def quantized_loss_grad(weights, q, x, y, loss_fn=F.cross_entropy):
-    """d loss / d q for the model run with quantized weights `q` (flat) on batch (x, y), in
-    training mode (BatchNorm on batch statistics, with the full-precision affine parameters).
-
-    Only `q` requires grad, so the backward pass computes nothing for the full-precision
-    parameters and never writes their `.grad`; BatchNorm's running statistics go to scratch
-    buffers.
-    """
-    model = weights.model
-    tensors = {name: p.detach() for name, p in model.named_parameters()}
-    tensors.update(weights.unflatten(q))
-    tensors.update(weights.scratch_buffers)
-    was_training = model.training
-    model.train()
-    try:
-        loss = loss_fn(functional_call(model, tensors, (x,)), y)
-    finally:
-        model.train(was_training)
-    (grad,) = torch.autograd.grad(loss, q)
-    return grad
+    """(d loss / d q, logits) for the model run with quantized weights `q` (flat) on batch
+    (x, y), in training mode (BatchNorm on batch statistics, with the full-precision affine
+    parameters), through the twin; the logits are detached."""
+    twin = weights.twin
+    with torch.no_grad():
+        for twin_p, p in weights.twin_pairs:
+            twin_p.copy_(p)
+        for twin_p, chunk in zip(weights.twin_quantized, q.split(weights.numels)):
+            twin_p.copy_(chunk.view_as(twin_p))
+    twin.train()
+    logits = twin(x)
+    grads = torch.autograd.grad(loss_fn(logits, y), weights.twin_quantized)
+    return torch.cat([g.reshape(-1) for g in grads]), logits.detach()
 
 
 def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False,
                 loss_fn=F.cross_entropy):
-    """The center step, in place on `centers`; returns the member counts [n_layers, n].
+    """The center step, in place on `centers`; returns the member counts [n_layers, n] and the
+    quantized model's logits on `x` (detached), which the federated algorithm reuses.
 
     With q = Q_c(x) from the current weights, per layer and center k: g_k the sum of
     d loss / d q over its members, n_k their number, pos_k / neg_k how many have x > c_k / x < c_k,
@@ -185,12 +206,12 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
     n_layers, n = centers.shape
     w = weights.flat()
     q, key = quantize(w, weights.layer, centers)
-    grad = quantized_loss_grad(weights, q.requires_grad_(), x, y, loss_fn)
+    grad, logits = quantized_loss_grad(weights, q, x, y, loss_fn)
     with torch.no_grad():
         # Per (layer, center index) sums of the gradient, of 1, and of the regulariser's term:
         # sign(x - q) for L1 (it sums to pos - neg), x for L2 (it sums to s). One 1-D
         # index_add_ each: deterministic, also on CUDA.
-        reg_term = torch.sign(w - q.detach()) if l1 else w
+        reg_term = torch.sign(w - q) if l1 else w
         per_index = torch.zeros(3, n_layers * n, device=w.device, dtype=w.dtype)
         for row, values in zip(per_index, (grad, torch.ones_like(w), reg_term)):
             row.index_add_(0, key, values)
@@ -204,7 +225,7 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
             centers += -lr2 * g + 2 * lam2 * lr2 * reg_sum
             centers /= 1 + 2 * lam2 * lr2 * members
         centers.copy_(centers.sort(dim=1).values)
-    return members
+    return members, logits
 
 
 def quped_update(weights, centers, x, y, lr1, lr2, lam, lam2, l1=True, center_reg_fix=False,
@@ -212,5 +233,24 @@ def quped_update(weights, centers, x, y, lr1, lr2, lam, lam2, l1=True, center_re
     """One QuPeD update after the weight optimizer's step: prox step, then center step on the
     same batch. Returns the center step's member counts."""
     prox_step(weights, centers, lr1, lam, l1=l1, lr2=lr2)
-    return center_step(weights, centers, x, y, lr2, lam2, l1=l1, center_reg_fix=center_reg_fix,
-                       loss_fn=loss_fn)
+    members, _ = center_step(weights, centers, x, y, lr2, lam2, l1=l1,
+                             center_reg_fix=center_reg_fix, loss_fn=loss_fn)
+    return members
+
+
+def kd_loss(student_logits, y, teacher_logits, lambda_p, temp, scale_student=False):
+    """The knowledge-distillation loss of the released update_prox (ALGORITHM.md):
+
+        (1 - lambda_p) CE(s, y) + lambda_p T^2 KL(log_softmax(s) || softmax(t / T))
+
+    with the KL divergence per sample, averaged over the batch (KLDivLoss 'batchmean'). Only the
+    teacher's logits are divided by T (quirk 8); `scale_student` divides the student's too, the
+    usual form (Hinton et al.). lambda_p == 0 is plain cross-entropy, as in the reference.
+    """
+    ce = F.cross_entropy(student_logits, y)
+    if lambda_p == 0:
+        return ce
+    student = student_logits / temp if scale_student else student_logits
+    kl = F.kl_div(F.log_softmax(student, dim=1), F.softmax(teacher_logits / temp, dim=1),
+                  reduction='batchmean')
+    return (1 - lambda_p) * ce + lambda_p * temp ** 2 * kl

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import data
+import literal_reference
 import main_centralized as mc
 import resnet
 from conftest import MINI, PRETRAINED, needs
@@ -20,6 +21,39 @@ def test_forward_shape_and_authors_parameter_names():
     names = list(model.state_dict())
     assert names[:3] == ['conv1.weight', 'bn1.weight', 'bn1.bias']
     assert 'layer1.0.conv1.weight' in names and names[-2:] == ['linear.weight', 'linear.bias']
+
+
+@pytest.mark.parametrize('arch', ['resnet8', 'resnet20', 'resnet32'])
+@pytest.mark.parametrize('training', [True, False])
+def test_outputs_and_gradients_equal_the_authors_architecture_bit_for_bit(arch, training):
+    torch.manual_seed(0)
+    ours = resnet.build(arch).train(training)
+    theirs = literal_reference.build(arch).train(training)
+    state = ours.state_dict()
+    for k, v in state.items():  # non-trivial BatchNorm statistics and affine parameters
+        if v.is_floating_point() and 'bn' in k:
+            v.copy_(torch.rand_like(v) + 0.5 if k.endswith(('var', 'weight')) else
+                    torch.randn_like(v) * 0.1)
+    theirs.load_state_dict(state)
+    x = torch.randn(16, 3, 32, 32)
+    out_ours, out_theirs = ours(x), theirs(x)
+    assert torch.equal(out_ours, out_theirs)
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_the_old_pooling_differs_from_the_authors_in_the_last_bits():
+    """Why the architecture test asks for bit equality: adaptive pooling computes the same mean
+    in another order (the gap that moved whole trajectories)."""
+    torch.manual_seed(0)
+    window, adaptive = literal_reference.build('resnet20'), literal_reference.build(
+        'resnet20', pooling='adaptive')
+    adaptive.load_state_dict(window.state_dict())
+    x = torch.randn(64, 3, 32, 32)
+    assert not torch.equal(window(x), adaptive(x))
+    assert torch.allclose(window(x), adaptive(x), rtol=0, atol=1e-5)
 
 
 def test_unknown_architecture():
@@ -57,6 +91,36 @@ def test_loader_reports_wrong_shapes_and_missing_keys(tmp_path):
     torch.save(state, tmp_path / 'bad.pt')
     with pytest.raises(resnet.CheckpointError, match=r'missing keys: bn1.bias.*linear.weight'):
         resnet.load_checkpoint(resnet.build('resnet8'), tmp_path / 'bad.pt', 'resnet8')
+
+
+def test_loader_fills_batch_counters_missing_from_old_checkpoints(tmp_path):
+    """akamaster's files (PyTorch 0.3 era): under 'state_dict', 'module.' keys, and no
+    num_batches_tracked, which BatchNorm fills with 0 when it loads such a file itself."""
+    torch.manual_seed(0)
+    source = resnet.build('resnet20')
+    old = {f'module.{k}': v for k, v in source.state_dict().items()
+           if not k.endswith('num_batches_tracked')}
+    torch.save({'state_dict': old, 'best_prec1': 91.73}, tmp_path / 'resnet20-12fca82f.th')
+    target = resnet.build('resnet20')
+    for m in target.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.num_batches_tracked.fill_(7)
+    resnet.load_checkpoint(target, tmp_path / 'resnet20-12fca82f.th', 'resnet20')
+    for k, v in target.state_dict().items():
+        want = torch.tensor(0) if k.endswith('num_batches_tracked') else source.state_dict()[k]
+        assert torch.equal(v, want), k
+    reference = resnet.build('resnet20')
+    reference.load_state_dict({k.removeprefix('module.'): v for k, v in old.items()},
+                              strict=False)  # what BatchNorm itself does with such a file
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in target.state_dict().items())
+
+
+def test_loader_stays_strict_about_running_statistics(tmp_path):
+    state = resnet.build('resnet8').state_dict()
+    del state['layer1.0.bn1.running_var']
+    torch.save(state, tmp_path / 'no_var.pt')
+    with pytest.raises(resnet.CheckpointError, match='missing keys: layer1.0.bn1.running_var'):
+        resnet.load_checkpoint(resnet.build('resnet8'), tmp_path / 'no_var.pt', 'resnet8')
 
 
 def test_loader_reports_missing_and_corrupt_files(tmp_path):

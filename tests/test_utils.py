@@ -146,7 +146,7 @@ def test_binary_prox_with_fixed_centers_by_hand():
 
 def test_center_step_l1_by_hand():
     model, weights, centers, x = tiny_setup()
-    members = utils.center_step(weights, centers, x, None, lr2=0.01, lam2=2.0,
+    members, _ = utils.center_step(weights, centers, x, None, lr2=0.01, lam2=2.0,
                                 loss_fn=output_sum)
     assert members[0].tolist() == [3, 3]
     assert centers[0].tolist() == pytest.approx([-0.41, 0.55])
@@ -180,7 +180,7 @@ def test_center_step_l2_by_hand():
 def test_centers_that_cross_are_sorted_and_members_count_before_sorting():
     x = torch.tensor([[-5.0, -5, -5, 5, 5, 5, 1, 1, 1, 1]])
     _, weights, centers, _ = tiny_setup(centers_w1=(-0.01, 0.01))
-    members = utils.center_step(weights, centers, x, None, lr2=0.01, lam2=0.0,
+    members, _ = utils.center_step(weights, centers, x, None, lr2=0.01, lam2=0.0,
                                 loss_fn=output_sum)
     assert centers[0].tolist() == pytest.approx([-0.09, 0.09])
     assert members[0].tolist() == [3, 3]
@@ -189,7 +189,7 @@ def test_centers_that_cross_are_sorted_and_members_count_before_sorting():
 def test_coinciding_centers_share_their_members():
     _, weights, _, x = tiny_setup()
     centers = torch.tensor([[0.2, 0.2, 0.2], [-0.3, 0.0, 0.3]])
-    members = utils.center_step(weights, centers, x, None, lr2=0.0, lam2=0.0,
+    members, _ = utils.center_step(weights, centers, x, None, lr2=0.0, lam2=0.0,
                                 loss_fn=output_sum)
     assert members[0].tolist() == [6, 6, 6]
 

@@ -70,6 +70,10 @@ def read_batch(path):
 def load_cifar10(root, device, url=None):
     """{'train_x', 'train_y', 'test_x', 'test_y'} on `device`, images as uint8; downloads from
     `url` (default URL) when root holds no batches."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"data_root {os.fspath(root)!r} is a file, not a folder: point --data_root "
+                        f"at the folder that holds {FOLDER}/, or at a new or empty folder to "
+                        f"download CIFAR-10 into.")
     folder = batches_folder(root)
     names = TRAIN_FILES + TEST_FILES
     present = [name for name in names if os.path.isfile(os.path.join(folder, name))]

@@ -6,6 +6,21 @@ Each run writes its logs and best checkpoints to {results_dir}/{run_name}/ (READ
     python main_centralized.py --resume=Results/<run>            continue a killed run
     python main_centralized.py --evaluate=Results/<run>/best_quantized.pt   test a checkpoint
 """
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import resnet
+import runtime
+import utils
+
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters. The defaults are the paper's headline setting (ResNet-20, warm start, 1 bit).
 resn = 20                    # ResNet depth: 8, 20, 32, 44, 56 or 110
@@ -35,28 +50,7 @@ device = 'auto'              # 'auto' (CUDA when available, else CPU), 'cpu', 'c
 resume = ''                  # a run folder: continue that run from its last.pt
 evaluate = ''                # a checkpoint: report its test accuracy and exit
 # ---------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
-
-import ast  # noqa: E402  (below the hyperparameters, so DEFAULTS holds only them)
-import datetime  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-import data  # noqa: E402
-import resnet  # noqa: E402
-import runtime  # noqa: E402
-import utils  # noqa: E402
+DEFAULTS = runtime.hyperparameters(globals())
 
 # The authors' published full-precision checkpoints (github.com/kazkara/QuPeD).
 PUBLISHED = {
@@ -72,10 +66,8 @@ LR2_AFTER_FREEZE = 1e-6  # the reference's fine-tuning center learning rate
 LOGS = {'test.txt': 'test_acc', 'train.txt': 'train_acc', 'q_testacc.txt': 'q_test_acc',
         'q_trainloss.txt': 'q_train_loss'}  # the reference's four logs, as JSON lists
 RESUMABLE = {'EPOCHS', 'fp_epochs', 'device', 'resume'}  # may change when a run is resumed
-
-
-class ConfigError(Exception):
-    """A hyperparameter or run folder the run cannot use; the message says what to do."""
+SCRIPT = 'main_centralized.py'
+ConfigError = runtime.ConfigError
 
 
 class Diverged(Exception):
@@ -83,43 +75,6 @@ class Diverged(Exception):
 
 
 # --- configuration ---------------------------------------------------------------------------
-
-def parse_value(name, text):
-    """`text` as a value of the default's type (an int is fine where a float is expected)."""
-    default = DEFAULTS[name]
-    if isinstance(default, str):
-        return text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(default, tuple) and isinstance(value, (list, int)):
-        value = tuple(value) if isinstance(value, list) else (value,)
-    if type(value) is not type(default) or (
-            isinstance(value, tuple) and not all(type(v) is int for v in value)):
-        kind = 'a tuple of ints' if isinstance(default, tuple) else type(default).__name__
-        example = f"({','.join(map(str, default))})" if isinstance(default, tuple) else default
-        raise ConfigError(f"--{name}={text} is not {kind}: write it like the default, "
-                          f"--{name}={example}.")
-    return value
-
-
-def parse_overrides(argv):
-    """{name: value} from ['--name=value', ...], checked against the defaults."""
-    overrides = {}
-    for arg in argv:
-        name, eq, text = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not eq:
-            raise ConfigError(f"cannot read argument {arg!r}: write overrides as --name=value, "
-                              f"e.g. --EPOCHS=10.")
-        if name not in DEFAULTS:
-            raise ConfigError(f"unknown hyperparameter {name!r}. Valid names: "
-                              f"{', '.join(DEFAULTS)}.")
-        overrides[name] = parse_value(name, text)
-    return overrides
-
 
 def check_config(cfg):
     """Raise ConfigError for values the run cannot use."""
@@ -153,11 +108,21 @@ def default_pretrained_path(depth):
 
 
 def make_config(argv):
-    cfg = dict(DEFAULTS)
-    cfg.update(parse_overrides(argv))
+    """(configuration, the overrides it came from) for command-line arguments `argv`."""
+    overrides = runtime.parse_overrides(DEFAULTS, argv)
+    cfg = {**DEFAULTS, **overrides}
     check_config(cfg)
     cfg['pretrained_path'] = cfg['pretrained_path'] or default_pretrained_path(cfg['resn'])
-    return cfg
+    return cfg, overrides
+
+
+def check_trainable_batches(batch_size, n_train):
+    """A batch size that leaves at least one batch of two or more images: BatchNorm cannot train
+    on a single image, so such a batch is dropped (data.train_batches)."""
+    if min(batch_size, n_train) < 2:
+        raise ConfigError(f"BATCH_SIZE={batch_size} leaves no batch of two or more images on these "
+                          f"{n_train} training images, and BatchNorm cannot train on one image: "
+                          f"use a BATCH_SIZE of 2 or more (and at least 2 training images).")
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -201,22 +166,17 @@ def build_optimizer(cfg, model):
 
 
 def download_published(resn_depth, path):
-    """Fetch the authors' checkpoint for this depth to `path`, checking its sha256."""
+    """Fetch the authors' checkpoint for this depth to `path`, with a progress bar; torch.hub
+    checks its sha256 and keeps nothing that fails the check."""
     _, url, digest = PUBLISHED[resn_depth]
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            payload = response.read()
+        torch.hub.download_url_to_file(url, path, hash_prefix=digest, progress=True)
     except Exception as e:
         raise resnet.CheckpointError(
             f"the warm-start checkpoint {path} is missing and could not be downloaded from {url} "
             f"({type(e).__name__}: {e}). Download it on a machine with internet access and put "
             f"it at {path} (sha256 {digest}), or set --pretrained_path, or --cold_start=True.")
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise resnet.CheckpointError(
-            f"the file downloaded from {url} does not have the published sha256 {digest}; it was "
-            f"not saved. Try again, or download it by hand to {path}.")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    runtime.write_atomic(path, payload)
 
 
 def warm_start(cfg, model):
@@ -236,21 +196,6 @@ def warm_start(cfg, model):
 
 
 # --- evaluation ------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate_model(model, images, labels, params=None):
-    """(mean loss, accuracy) in eval mode; `params` swaps in other weights (the quantized ones)
-    while keeping the model's BatchNorm statistics, as the reference does (quirk 5)."""
-    model.eval()
-    loss = torch.zeros((), device=labels.device)
-    correct = torch.zeros((), device=labels.device, dtype=torch.int64)
-    for x, y in data.eval_batches(images, labels):
-        out = model(x) if params is None else functional_call(model, params, (x,))
-        loss += F.cross_entropy(out, y, reduction='sum')
-        correct += (out.argmax(1) == y).sum()
-    n = labels.shape[0]
-    return loss.item() / n, correct.item() / n
-
 
 def load_model(path, device='cpu'):
     """A ready model (eval mode) from one of our checkpoints (best_fp.pt, best_quantized.pt,
@@ -273,7 +218,7 @@ def load_model(path, device='cpu'):
 def report_checkpoint(cfg, dev):
     model, info = load_model(cfg['evaluate'], dev)
     cifar = data.load_cifar10(cfg['data_root'], dev)
-    loss, acc = evaluate_model(model, cifar['test_x'], cifar['test_y'])
+    loss, acc = runtime.evaluate(model, cifar['test_x'], cifar['test_y'])
     saved = f", saved after epoch {info['epoch']}" if 'epoch' in info else ''
     print(f"{cfg['evaluate']}: test accuracy {acc:.4f} (loss {loss:.4f}) on "
           f"{cifar['test_y'].shape[0]} test images{saved}")
@@ -326,10 +271,10 @@ def run_epoch(cfg, state, cifar, epoch):
     sync()
     trained = time.perf_counter()
     model = state['model']
-    _, test_acc = evaluate_model(model, cifar['test_x'], cifar['test_y'])
+    _, test_acc = runtime.evaluate(model, cifar['test_x'], cifar['test_y'])
     q_params = utils.quantized_state(state['weights'], state['centers'])
-    _, q_test_acc = evaluate_model(model, cifar['test_x'], cifar['test_y'], q_params)
-    q_train_loss, _ = evaluate_model(model, cifar['train_x'], cifar['train_y'], q_params)
+    _, q_test_acc = runtime.evaluate(model, cifar['test_x'], cifar['test_y'], q_params)
+    q_train_loss, _ = runtime.evaluate(model, cifar['train_x'], cifar['train_y'], q_params)
     if state['scheduler'] is not None:
         state['scheduler'].step()
     if not math.isfinite(train_loss) or not torch.isfinite(state['centers']).all():
@@ -349,25 +294,6 @@ def default_run_name(cfg):
     opt = 'sgd' if cfg['fp'] or not cfg['adam'] else 'adam'
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
     return f"resnet{cfg['resn']}_{kind}_{opt}_{'l1' if cfg['l1'] else 'l2'}_{stamp}"
-
-
-def new_run_folder(cfg):
-    name = cfg['run_name'] or default_run_name(cfg)
-    folder = os.path.join(cfg['results_dir'], name)
-    if os.path.exists(folder) and os.listdir(folder):
-        raise ConfigError(f"{folder} already holds a run; it is never overwritten. Choose another "
-                          f"--run_name, or continue that run with --resume={folder}.")
-    os.makedirs(folder, exist_ok=True)
-    return folder
-
-
-def write_logs(folder, rows):
-    """The reference's four JSON lists, metrics.jsonl, each written atomically."""
-    for filename, key in LOGS.items():
-        runtime.write_atomic(os.path.join(folder, filename),
-                             json.dumps([row[key] for row in rows]).encode())
-    runtime.write_atomic(os.path.join(folder, 'metrics.jsonl'),
-                         ''.join(json.dumps(row) + '\n' for row in rows).encode())
 
 
 def best_checkpoint(cfg, state, row, state_dict):
@@ -396,40 +322,27 @@ def save_bests(cfg, state, folder, row):
 
 
 def save_last(cfg, state, folder, rows):
-    """Everything a resumed run needs, written after the epoch's other outputs."""
+    """Everything a resumed run needs: written after the epoch's best checkpoints and before
+    its logs, so that what a run shows is never ahead of what --resume continues from."""
     runtime.save_torch(os.path.join(folder, 'last.pt'), {
         'config': cfg, 'epoch': len(rows), 'rows': rows,
         'model': state['model'].state_dict(), 'optimizer': state['optimizer'].state_dict(),
         'scheduler': None if state['scheduler'] is None else state['scheduler'].state_dict(),
-        'centers': state['centers'], 'generator': state['generator'].get_state(),
-        'torch_rng': torch.get_rng_state(), 'python_rng': random.getstate(),
+        'centers': state['centers'], **runtime.rng_states(state['generator']),
         'best_test_acc': state['best_test_acc'], 'best_q_test_acc': state['best_q_test_acc'],
         # for inspection only: a resumed run recomputes it from the epoch
         'schedule': schedule(cfg, len(rows)) if len(rows) < total_epochs(cfg) else None})
 
 
-def print_row(row, epochs):
-    print(f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train_loss']:.4f} "
-          f"acc {row['train_acc']:.4f} | test acc {row['test_acc']:.4f} | quantized test acc "
-          f"{row['q_test_acc']:.4f} train loss {row['q_train_loss']:.4f} | lambda "
-          f"{row['lambda']:.1e} lr1 {row['lr1']:.0e} lr2 {row['lr2']:.0e} | "
-          f"{row['train_seconds']:.1f}s + {row['eval_seconds']:.1f}s", flush=True)
+def epoch_line(row, epochs, left):
+    return (f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f} | test acc {row['test_acc']:.4f} | quantized test acc "
+            f"{row['q_test_acc']:.4f} train loss {row['q_train_loss']:.4f} | lambda "
+            f"{row['lambda']:.1e} lr1 {row['lr1']:.0e} lr2 {row['lr2']:.0e} | "
+            f"{row['train_seconds']:.1f}s + {row['eval_seconds']:.1f}s | {left}")
 
 
 # --- the run ---------------------------------------------------------------------------------
-
-def select_device(cfg):
-    try:
-        return runtime.select_device(cfg['device'])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def describe_device(dev):
-    if dev.type == 'cuda':
-        return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
 
 def initial_state(cfg, dev):
     runtime.seed_everything(cfg['seed'], dev)
@@ -443,8 +356,7 @@ def initial_state(cfg, dev):
         centers = utils.init_centers(weights, cfg['n_centroids'], adam=cfg['adam'])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(cfg['seed'])
+    generator = runtime.device_generator(cfg['seed'], dev)
     return {'model': model, 'optimizer': optimizer, 'scheduler': scheduler, 'weights': weights,
             'centers': centers, 'generator': generator, 'best_test_acc': 0.0,
             'best_q_test_acc': 0.0}
@@ -457,96 +369,78 @@ def resumed_state(cfg, dev, checkpoint):
     if state['scheduler'] is not None:
         state['scheduler'].load_state_dict(checkpoint['scheduler'])
     state['centers'].copy_(checkpoint['centers'])
-    state['generator'].set_state(checkpoint['generator'])
-    torch.set_rng_state(checkpoint['torch_rng'])
-    random.setstate(checkpoint['python_rng'])
+    runtime.restore_rng_states(checkpoint, state['generator'])
     state['best_test_acc'] = checkpoint['best_test_acc']
     state['best_q_test_acc'] = checkpoint['best_q_test_acc']
     return state
 
 
-def read_resume_checkpoint(folder, overrides):
-    path = os.path.join(folder, 'last.pt')
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume={folder}: no last.pt there, so there is nothing to resume "
-                          f"(a run writes it at the end of its first epoch).")
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        cfg = dict(checkpoint['config'])
-    except Exception as e:
-        raise ConfigError(f"{path} cannot be read ({type(e).__name__}); it is damaged. Start a "
-                          f"new run instead.") from None
-    changed = [f"{k} ({cfg.get(k)!r} -> {v!r})" for k, v in overrides.items()
-               if k not in RESUMABLE and cfg.get(k) != v]
-    if changed:
-        raise ConfigError(f"a resumed run keeps its configuration, but these overrides differ "
-                          f"from it: {', '.join(changed)}. Only {', '.join(sorted(RESUMABLE))} "
-                          f"may change; start a new run for the others.")
-    cfg.update({k: v for k, v in overrides.items() if k in RESUMABLE})
-    return cfg, checkpoint
-
-
 def train(cfg, overrides):
     """A new run, or the continuation of cfg['resume']; returns the run folder."""
+    checkpoint = None
     if cfg['resume']:
-        cfg, checkpoint = read_resume_checkpoint(cfg['resume'], overrides)
-        folder = cfg['resume']
-    else:
-        checkpoint = None
-        folder = None
-        if cfg['fp'] and cfg['save_pretrained'] and os.path.exists(cfg['pretrained_path']):
-            raise ConfigError(f"save_pretrained would overwrite {cfg['pretrained_path']}: move "
-                              f"that file or choose another --pretrained_path.")
-    dev = select_device(cfg)
-    if dev.type == 'cpu':
-        runtime.keep_freed_memory()
-    print(f"device: {describe_device(dev)}")
+        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE)
+    elif cfg['fp'] and cfg['save_pretrained'] and os.path.exists(cfg['pretrained_path']):
+        raise ConfigError(f"save_pretrained would overwrite {cfg['pretrained_path']}: move "
+                          f"that file or choose another --pretrained_path.")
+    dev = runtime.select_device(cfg['device'])
+    runtime.prepare_device(dev)
+    print(f"device: {runtime.describe_device(dev)}")
     cifar = data.load_cifar10(cfg['data_root'], dev)
+    check_trainable_batches(cfg['BATCH_SIZE'], cifar['train_y'].shape[0])
     print(f"data: {cifar['train_y'].shape[0]} training and {cifar['test_y'].shape[0]} test "
           f"images from {data.batches_folder(cfg['data_root'])}")
     if checkpoint is None:
         state = initial_state(cfg, dev)
-        folder = new_run_folder(cfg)
-        cfg['run_name'] = os.path.basename(folder)
+        folder = cfg['resume'] or runtime.new_run_folder(
+            cfg['results_dir'], cfg['run_name'] or default_run_name(cfg), SCRIPT)
+        cfg['run_name'] = os.path.basename(os.path.normpath(folder))
         rows = []
     else:
         state = resumed_state(cfg, dev, checkpoint)
+        folder = cfg['resume']
         rows = checkpoint['rows']
+        runtime.write_rows(folder, rows, LOGS)  # logs a kill left behind last.pt catch up
         print(f"resuming {folder} after epoch {len(rows)}")
     print('config: ' + json.dumps(cfg))
     runtime.write_json(os.path.join(folder, 'config.json'), cfg)
-    epochs = total_epochs(cfg)
-    for epoch in range(len(rows), epochs):
-        try:
-            row = run_epoch(cfg, state, cifar, epoch)
-        except Diverged as e:
-            raise Diverged(
-                f"the training loss or the centers became non-finite in epoch {e.args[0]}; the "
-                f"run stopped and {folder} keeps the outputs of epoch {len(rows)}. Lower the "
-                f"learning rates or lambda_coef and start again.") from None
-        rows.append(row)
-        print_row(row, epochs)
-        write_logs(folder, rows)
-        save_bests(cfg, state, folder, row)
-        save_last(cfg, state, folder, rows)
+    epochs, saved, clock = total_epochs(cfg), len(rows), runtime.Clock()
+    try:
+        for epoch in range(len(rows), epochs):
+            try:
+                row = run_epoch(cfg, state, cifar, epoch)
+            except Diverged as e:
+                raise Diverged(
+                    f"the training loss or the centers became non-finite in epoch {e.args[0]}; "
+                    f"the run stopped and {folder} keeps the outputs of epoch {len(rows)}. Lower "
+                    f"the learning rates or lambda_coef and start again.") from None
+            rows.append(row)
+            save_bests(cfg, state, folder, row)
+            save_last(cfg, state, folder, rows)
+            saved = len(rows)
+            runtime.write_rows(folder, rows, LOGS)
+            clock.tick()
+            print(epoch_line(row, epochs, clock.left(epochs - len(rows))), flush=True)
+    except KeyboardInterrupt:
+        raise runtime.interrupted(folder, saved, 'epoch', SCRIPT) from None
     print(f"done: best test accuracy {state['best_test_acc']:.4f} (full precision), "
           f"{state['best_q_test_acc']:.4f} (quantized); outputs in {folder}")
     return folder
 
 
+def run(argv):
+    cfg, overrides = make_config(argv)
+    if cfg['evaluate']:
+        return report_checkpoint(cfg, runtime.select_device(cfg['device']))
+    return train(cfg, overrides)
+
+
 def main(argv=None):
     """Run the experiment with `argv` overrides; a bad input ends it with a one-paragraph error
-    (exit status 2) and leaves every file already written as it was."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        overrides = parse_overrides(argv)
-        cfg = make_config(argv)
-        if cfg['evaluate']:
-            return report_checkpoint(cfg, select_device(cfg))
-        return train(cfg, overrides)
-    except (ConfigError, resnet.CheckpointError, data.DataError, Diverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    (exit status 2), Ctrl-C with the command that continues it (exit status 130), and every
+    file already written stays as it was."""
+    return runtime.run_guarded(run, sys.argv[1:] if argv is None else argv,
+                               (resnet.CheckpointError, data.DataError, Diverged))
 
 
 if __name__ == '__main__':

@@ -1,19 +1,102 @@
-"""Process-level setup shared by the experiment and the benchmark: device choice, the CPU
-allocator, seeding, and atomic file output."""
+"""Machinery the experiment scripts share: `--name=value` configuration checked against the
+defaults' types, run folders, atomic outputs and resume, random-number states, evaluation,
+Ctrl-C, the time estimate, device choice and the CPU allocator setting."""
+import ast
 import ctypes
 import ctypes.util
 import io
 import json
 import os
 import random
+import sys
 import tempfile
+import time
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import data
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+INTERRUPTED = 130  # the shell's exit status for a Ctrl-C
 
+
+class ConfigError(Exception):
+    """A hyperparameter or run folder the run cannot use; the message says what to do."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message names what was kept and how to continue."""
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def hyperparameters(namespace):
+    """The hyperparameters a script defines at its top: its public globals of plain types."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
+
+
+def describe_type(default):
+    if isinstance(default, tuple):
+        kinds = sorted({type(v).__name__ for v in default}) or ['value']
+        return f"a tuple of {' or '.join(kinds)}s"
+    return type(default).__name__
+
+
+def coerce(default, value):
+    """`value` as the default's type where that loses nothing (an int where a float is
+    expected, a list or single item where a tuple is), else None."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, tuple):
+        items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        kinds = {type(v) for v in default}
+        if kinds == {float}:
+            items = tuple(float(v) if type(v) is int else v for v in items)
+        return items if not kinds or all(type(v) in kinds for v in items) else None
+    return value if type(value) is type(default) else None
+
+
+def parse_value(defaults, name, text):
+    """`text` as a value of the default's type."""
+    default = defaults[name]
+    if isinstance(default, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, tuple) and isinstance(value, str) and ',' in text:
+        value = tuple(v.strip() for v in text.strip('()[]').split(',') if v.strip())
+    value = coerce(default, value)
+    if value is None:
+        example = (f"({','.join(map(str, default))})" if isinstance(default, tuple)
+                   else default)
+        raise ConfigError(f"--{name}={text} is not {describe_type(default)}: write it like the "
+                          f"default, --{name}={example}.")
+    return value
+
+
+def parse_overrides(defaults, argv):
+    """{name: value} from ['--name=value', ...], checked against the defaults."""
+    overrides = {}
+    for arg in argv:
+        name, eq, text = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq:
+            raise ConfigError(f"cannot read argument {arg!r}: write overrides as --name=value, "
+                              f"e.g. --{next(iter(defaults))}=...")
+        if name not in defaults:
+            raise ConfigError(f"unknown hyperparameter {name!r}. Valid names: "
+                              f"{', '.join(defaults)}.")
+        overrides[name] = parse_value(defaults, name, text)
+    return overrides
+
+
+# --- device, seeds, random states ------------------------------------------------------------
 
 def keep_freed_memory():
     """Stop glibc from handing freed heap memory back to the kernel after every pass.
@@ -41,11 +124,28 @@ def select_device(requested):
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise ValueError(f"device={requested!r} is not a device: use 'auto', 'cpu' or 'cuda'.")
+        raise ConfigError(f"device={requested!r} is not a device: use 'auto', 'cpu' or "
+                          f"'cuda'.") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device={requested!r} was asked for but this machine has no usable CUDA "
-                         f"GPU: use --device=cpu (or auto) to run on the CPU.")
+        raise ConfigError(f"device={requested!r} was asked for but this machine has no usable "
+                          f"CUDA GPU: use --device=cpu (or auto) to run on the CPU.")
     return device
+
+
+def describe_device(device):
+    if device.type == 'cuda':
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def prepare_device(device):
+    """Process settings for a run on `device`: the allocator on CPU; float32 kernels everywhere
+    (TF32 off, as the authors ran) on CUDA."""
+    if device.type == 'cpu':
+        keep_freed_memory()
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def seed_everything(seed, device):
@@ -59,7 +159,27 @@ def seed_everything(seed, device):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def write_atomic(path, data):
+def device_generator(seed, device):
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def rng_states(generator):
+    """Every random state a run draws from, for its checkpoint."""
+    return {'generator': generator.get_state(), 'torch_rng': torch.get_rng_state(),
+            'python_rng': random.getstate()}
+
+
+def restore_rng_states(states, generator):
+    generator.set_state(states['generator'])
+    torch.set_rng_state(states['torch_rng'])
+    random.setstate(states['python_rng'])
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+def write_atomic(path, data_bytes):
     """Write bytes to `path` through a temporary file and a rename: a kill mid-write leaves the
     previous file intact."""
     path = os.fspath(path)
@@ -67,7 +187,7 @@ def write_atomic(path, data):
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; keep the usual mode
         with os.fdopen(fd, 'wb') as f:
-            f.write(data)
+            f.write(data_bytes)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,3 +210,134 @@ def save_torch(path, obj):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_atomic(path, buffer.getvalue())
+
+
+def new_run_folder(results_dir, name, script):
+    """results_dir/name, created; a folder that already holds a run is never reused."""
+    folder = os.path.join(results_dir, name)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{folder} is a file, not a run folder: choose another --run_name or "
+                          f"--results_dir.")
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ConfigError(f"{folder} already holds a run; it is never overwritten. Choose another "
+                          f"--run_name, or continue that run with: python {script} "
+                          f"--resume={folder}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {folder} ({e.strerror}): choose a "
+                          f"writable --results_dir.") from None
+    return folder
+
+
+def write_rows(folder, rows, lists=None):
+    """metrics.jsonl (one JSON object per row) and, for {filename: key} in `lists`, a JSON list
+    of that key's values, each written atomically."""
+    for filename, key in (lists or {}).items():
+        write_atomic(os.path.join(folder, filename), json.dumps([row[key] for row in rows]).encode())
+    write_atomic(os.path.join(folder, 'metrics.jsonl'),
+                 ''.join(json.dumps(row) + '\n' for row in rows).encode())
+
+
+def read_resume(folder, overrides, resumable):
+    """(configuration, last.pt's contents or None) of the run in `folder`. A run stopped before
+    its first epoch ended has only config.json: it starts again from the beginning. Overrides
+    other than `resumable` must match the saved configuration."""
+    path = os.path.join(folder, 'last.pt')
+    config_path = os.path.join(folder, 'config.json')
+    if not os.path.isfile(path) and not os.path.isfile(config_path):
+        raise ConfigError(f"--resume={folder}: no run there (neither last.pt nor config.json); "
+                          f"name a folder that a run wrote.")
+    checkpoint = None
+    try:
+        if os.path.isfile(path):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            cfg = dict(checkpoint['config'])
+        else:
+            with open(config_path) as f:
+                cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
+    except Exception as e:
+        raise ConfigError(f"{path if checkpoint is None and os.path.isfile(path) else config_path}"
+                          f" cannot be read ({type(e).__name__}); it is damaged. Start a new run "
+                          f"instead.") from None
+    changed = [f"{k} ({cfg.get(k)!r} -> {v!r})" for k, v in overrides.items()
+               if k not in resumable and cfg.get(k) != v]
+    if changed:
+        raise ConfigError(f"a resumed run keeps its configuration, but these overrides differ "
+                          f"from it: {', '.join(changed)}. Only {', '.join(sorted(resumable))} "
+                          f"may change; start a new run for the others.")
+    cfg.update({k: v for k, v in overrides.items() if k in resumable})
+    cfg['resume'] = folder
+    return cfg, checkpoint
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, images, labels, params=None):
+    """(mean loss, accuracy) in eval mode on uint8 images; `params` swaps in other weights (the
+    quantized ones) while keeping the model's BatchNorm statistics, as the reference does
+    (quirk 5)."""
+    model.eval()
+    loss = torch.zeros((), device=labels.device)
+    correct = torch.zeros((), device=labels.device, dtype=torch.int64)
+    for x, y in data.eval_batches(images, labels):
+        out = model(x) if params is None else functional_call(model, params, (x,))
+        loss += F.cross_entropy(out, y, reduction='sum')
+        correct += (out.argmax(1) == y).sum()
+    n = labels.shape[0]
+    return loss.item() / n, correct.item() / n
+
+
+# --- time ------------------------------------------------------------------------------------
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Clock:
+    """The time left, from the mean wall time of the epochs (or rounds) this process ran."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.ran = 0
+
+    def tick(self):
+        self.ran += 1
+
+    def left(self, remaining):
+        if remaining <= 0:
+            return 'done'
+        mean = (time.perf_counter() - self.start) / max(self.ran, 1)
+        return f"eta {format_duration(mean * remaining)}"
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def interrupted(folder, completed, unit, script):
+    """The one-line message for a Ctrl-C: what is kept and the command that continues."""
+    kept = (f"it keeps {unit}s 1-{completed}" if completed else f"no {unit} had ended yet")
+    return Interrupted(f"interrupted: {folder} {kept}; continue with: python {script} "
+                       f"--resume={folder}")
+
+
+def run_guarded(body, argv, errors):
+    """body(argv), ending a bad input or any of `errors` with a one-paragraph message (exit
+    status 2), and a Ctrl-C with one line (exit status 130); every file already written stays as
+    it was."""
+    try:
+        return body(argv)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        raise SystemExit(INTERRUPTED)
+    except KeyboardInterrupt:
+        print("interrupted before the run began: nothing was written.", file=sys.stderr)
+        raise SystemExit(INTERRUPTED)
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -59,15 +59,21 @@ class QuantizedWeights:
         device = self.params[0].device
         self.layer = torch.repeat_interleave(torch.arange(len(self.names), device=device),
                                              torch.tensor(self.numels, device=device))
-        # The center step's forward runs in training mode on the twin: BatchNorm's running
-        # statistics there are scratch, never the model's.
+        # The center step's forward runs in training mode on a twin of the model: BatchNorm's
+        # running statistics there are scratch, never the model's. The twin shares the storage
+        # of every full-precision parameter (so it always sees the model's current values) and
+        # holds its quantized weights as views of one flat vector, which Q_c(x) is written to.
         self.twin = copy.deepcopy(model)
+        self.twin_flat = torch.empty(sum(self.numels), device=device, dtype=self.params[0].dtype)
         twin_params = dict(self.twin.named_parameters())
-        self.twin_pairs = [(twin_params[name], p) for name, p in params.items()
-                           if name not in set(self.names)]
+        quantized = set(self.names)
+        for name, p in params.items():
+            twin_params[name].requires_grad_(name in quantized)
+            if name not in quantized:
+                twin_params[name].data = p.data
         self.twin_quantized = [twin_params[name] for name in self.names]
-        for name, p in twin_params.items():
-            p.requires_grad_(name in set(self.names))
+        for twin_p, chunk in zip(self.twin_quantized, self.twin_flat.split(self.numels)):
+            twin_p.data = chunk.view_as(twin_p)
 
     def __len__(self):
         return len(self.names)
@@ -177,14 +183,10 @@ def quantized_loss_grad(weights, q, x, y, loss_fn=F.cross_entropy):
     """(d loss / d q, logits) for the model run with quantized weights `q` (flat) on batch
     (x, y), in training mode (BatchNorm on batch statistics, with the full-precision affine
     parameters), through the twin; the logits are detached."""
-    twin = weights.twin
     with torch.no_grad():
-        for twin_p, p in weights.twin_pairs:
-            twin_p.copy_(p)
-        for twin_p, chunk in zip(weights.twin_quantized, q.split(weights.numels)):
-            twin_p.copy_(chunk.view_as(twin_p))
-    twin.train()
-    logits = twin(x)
+        weights.twin_flat.copy_(q)
+    weights.twin.train()
+    logits = weights.twin(x)
     grads = torch.autograd.grad(loss_fn(logits, y), weights.twin_quantized)
     return torch.cat([g.reshape(-1) for g in grads]), logits.detach()
 

@@ -18,7 +18,7 @@ import main_centralized as mc
 import resnet
 import runtime
 import utils
-from conftest import ROOT, write_batch
+from conftest import MINI, PRETRAINED, ROOT, needs, write_batch
 
 TIMINGS = ('train_seconds', 'eval_seconds')
 
@@ -57,7 +57,7 @@ def fails_with(capsys, argv, *phrases):
 # --- overrides -------------------------------------------------------------------------------
 
 def test_overrides_are_checked_against_the_defaults_types():
-    got = mc.parse_overrides(['--lambda_coef=8e-4', '--lr2=0', '--EPOCHS=30', '--adam=False',
+    got = runtime.parse_overrides(mc.DEFAULTS, ['--lambda_coef=8e-4', '--lr2=0', '--EPOCHS=30', '--adam=False',
                               '--lr2_milestones=(10,17)', '--lr_milestones=[5]',
                               '--run_name=123', '--device=cpu'])
     assert got == {'lambda_coef': 8e-4, 'lr2': 0.0, 'EPOCHS': 30, 'adam': False,
@@ -73,7 +73,7 @@ def test_overrides_are_checked_against_the_defaults_types():
     ('--EPOCHS', '--name=value')])
 def test_ill_typed_or_malformed_overrides(arg, phrase):
     with pytest.raises(mc.ConfigError, match=phrase):
-        mc.parse_overrides([arg])
+        runtime.parse_overrides(mc.DEFAULTS, [arg])
 
 
 def test_unknown_name_lists_the_valid_ones(capsys):
@@ -185,6 +185,9 @@ def test_two_epoch_run_writes_every_output(cifar_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'device: cpu' in out and 'data: 200 training and 40 test images' in out
     assert out.count('epoch ') >= 2 and '"EPOCHS": 2' in out
+    epoch_lines = [line for line in out.splitlines() if line.startswith('epoch ')]
+    assert epoch_lines[0].split(' | ')[-1].startswith('eta ')
+    assert epoch_lines[1].endswith('| done')
     assert sorted(os.listdir(folder)) == sorted(
         ['best_fp.pt', 'best_quantized.pt', 'config.json', 'last.pt', 'metrics.jsonl',
          'q_testacc.txt', 'q_trainloss.txt', 'test.txt', 'train.txt'])
@@ -211,7 +214,7 @@ def test_best_quantized_checkpoint_reproduces_its_logged_accuracy(cifar_root, tm
     best = max(rows(folder), key=lambda row: row['q_test_acc'])
     assert info['epoch'] == best['epoch'] and info['config']['resn'] == 8
     cifar = data.load_cifar10(cifar_root, 'cpu')
-    assert mc.evaluate_model(model, cifar['test_x'], cifar['test_y'])[1] == best['q_test_acc']
+    assert runtime.evaluate(model, cifar['test_x'], cifar['test_y'])[1] == best['q_test_acc']
     weights = utils.QuantizedWeights(model)  # the weights sit on the saved centers
     centers = torch.tensor(best['centers'])
     assert torch.equal(weights.flat(), utils.quantize(weights.flat(), weights.layer, centers)[0])
@@ -251,17 +254,21 @@ class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing in the run catches it."""
 
 
-def test_resume_after_a_kill_between_epochs_or_mid_epoch(cifar_root, tmp_path, monkeypatch):
+def killed_after(function, epochs, rows_arg):
+    """`function` that raises Killed once it has run with `epochs` rows in its argument at
+    position `rows_arg`."""
+    def wrapper(*args):
+        function(*args)
+        if len(args[rows_arg]) == epochs:
+            raise Killed
+    return wrapper
+
+
+def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, tmp_path,
+                                                                    monkeypatch):
     whole = mc.main(run_args(cifar_root, tmp_path, *RESUME_ARGS, name='whole'))
     expected = without_timings(rows(whole))
     assert [row['frozen'] for row in expected] == [False, False, True, True]
-
-    real_save_last = mc.save_last
-
-    def killed_after_epoch_1(cfg, state, folder, rows_so_far):
-        real_save_last(cfg, state, folder, rows_so_far)
-        if len(rows_so_far) == 1:
-            raise Killed
 
     real_update = utils.quped_update
     calls = []
@@ -272,19 +279,76 @@ def test_resume_after_a_kill_between_epochs_or_mid_epoch(cifar_root, tmp_path, m
             raise Killed
         return real_update(*args, **kwargs)
 
-    for name, target, fake in (('between', mc, ('save_last', killed_after_epoch_1)),
-                               ('mid', utils, ('quped_update', killed_in_epoch_2))):
+    kills = {  # name: (module, attribute, replacement, metrics.jsonl rows left by the kill)
+        'after_last_pt': (mc, 'save_last', killed_after(mc.save_last, 1, rows_arg=3), 0),
+        'after_first_row': (runtime, 'write_rows', killed_after(runtime.write_rows, 1, rows_arg=1), 1),
+        'mid_epoch': (utils, 'quped_update', killed_in_epoch_2, 1)}
+    for name, (module, attribute, replacement, rows_left) in kills.items():
         with monkeypatch.context() as patch:
-            patch.setattr(target, *fake)
+            patch.setattr(module, attribute, replacement)
             with pytest.raises(Killed):
                 mc.main(run_args(cifar_root, tmp_path, *RESUME_ARGS, name=name))
         folder = tmp_path / 'results' / name
-        assert len(rows(folder)) == 1
+        shown = rows(folder) if (folder / 'metrics.jsonl').exists() else []
+        assert len(shown) == rows_left
+        assert torch.load(folder / 'last.pt', weights_only=True)['epoch'] >= len(shown)
         mc.main([f'--resume={folder}'])
-        assert without_timings(rows(folder)) == expected
+        assert without_timings(rows(folder)) == expected, name
         last, ref = (torch.load(os.path.join(f, 'last.pt'), weights_only=True)
                      for f in (folder, whole))
         assert all(torch.equal(last['model'][k], ref['model'][k]) for k in ref['model'])
+        for filename, key in mc.LOGS.items():
+            with open(folder / filename) as f:
+                assert json.load(f) == [row[key] for row in expected]
+
+
+SIGINT_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import main_centralized
+main_centralized.main(sys.argv[2:])
+"""
+
+
+def test_ctrl_c_names_the_resume_command_and_keeps_the_last_epoch(cifar_root, tmp_path):
+    """SIGINT to a real run in its second epoch: one line that names the folder and the
+    command, exit status 130, the first epoch's outputs intact, and the resumed run equal to an
+    uninterrupted one."""
+    args = run_args(cifar_root, tmp_path, '--EPOCHS=3', name='interrupted')
+    child = subprocess.Popen([sys.executable, '-c', SIGINT_RUN, str(ROOT), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        if line.startswith('epoch   1/3'):
+            break
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    folder = tmp_path / 'results' / 'interrupted'
+    assert child.returncode == runtime.INTERRUPTED
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert err.strip().endswith(f'python main_centralized.py --resume={folder}')
+    assert 'keeps epochs 1-1' in err
+    kept = rows(folder)
+    assert [row['epoch'] for row in kept] == [1]
+    mc.main([f'--resume={folder}'])
+    whole = mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=3', name='whole'))
+    assert without_timings(rows(folder)) == without_timings(rows(whole))
+
+
+def test_ctrl_c_in_the_first_epoch_resumes_from_the_start(cifar_root, tmp_path, monkeypatch,
+                                                          capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, 'quped_update', interrupt)
+        with pytest.raises(SystemExit) as exit_info:
+            mc.main(run_args(cifar_root, tmp_path, name='early'))
+    assert exit_info.value.code == runtime.INTERRUPTED
+    folder = tmp_path / 'results' / 'early'
+    assert 'no epoch had ended yet' in capsys.readouterr().err
+    assert os.listdir(folder) == ['config.json']
+    mc.main([f'--resume={folder}'])
+    whole = mc.main(run_args(cifar_root, tmp_path, name='whole'))
+    assert without_timings(rows(folder)) == without_timings(rows(whole))
 
 
 def test_resume_refuses_changed_hyperparameters_and_missing_runs(cifar_root, tmp_path, capsys):
@@ -292,7 +356,7 @@ def test_resume_refuses_changed_hyperparameters_and_missing_runs(cifar_root, tmp
     before = digests(folder)
     fails_with(capsys, [f'--resume={folder}', '--lambda_coef=1e-3'], 'lambda_coef',
                'keeps its configuration')
-    fails_with(capsys, [f'--resume={tmp_path}'], 'no last.pt')
+    fails_with(capsys, [f'--resume={tmp_path}'], 'no run there')
     assert digests(folder) == before
     mc.main([f'--resume={folder}', '--EPOCHS=3'])  # extending a run is allowed
     assert [row['epoch'] for row in rows(folder)] == [1, 2, 3]
@@ -354,7 +418,7 @@ def test_bad_hyperparameter_values(capsys, tmp_path, arg, phrase):
 
 
 def test_lr2_zero_is_valid():
-    assert mc.make_config(['--lr2=0'])['lr2'] == 0.0
+    assert mc.make_config(['--lr2=0'])[0]['lr2'] == 0.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
@@ -375,6 +439,19 @@ def test_bad_checkpoints(cifar_root, tmp_path, capsys):
                                 f'--pretrained_path={tmp_path}/r32.pt'),
                'does not fit resnet20', 'looks like a resnet32')
     assert not (tmp_path / 'results').exists()  # no run folder for a run that never started
+
+
+@needs(MINI)
+@needs(PRETRAINED)
+def test_warm_start_from_an_akamaster_style_file_trains(tmp_path, capsys):
+    """akamaster's layout (under 'state_dict', 'module.' keys, no BatchNorm counters), made
+    from the authors' ResNet-20 since akamaster's own file cannot be downloaded here."""
+    state = resnet.read_state_dict(PRETRAINED / 'resnet20_fp_fpinit.pt')
+    old = {f'module.{k}': v for k, v in state.items() if not k.endswith('num_batches_tracked')}
+    torch.save({'state_dict': old, 'best_prec1': 91.73}, tmp_path / 'resnet20-12fca82f.th')
+    folder = mc.main([f'--data_root={MINI}', f'--results_dir={tmp_path}', '--run_name=aka',
+                      f'--pretrained_path={tmp_path}/resnet20-12fca82f.th', '--EPOCHS=1'])
+    assert rows(folder)[0]['test_acc'] > 0.5
 
 
 def test_offline_download_of_the_warm_start_explains_what_to_do(cifar_root, tmp_path, capsys,
@@ -404,6 +481,20 @@ def test_incomplete_or_malformed_data(cifar_root, tmp_path, capsys):
     fails_with(capsys, run_args(cifar_root, tmp_path), 'data_batch_3 is malformed')
     (folder / 'data_batch_3').write_bytes(batch3[:1000])
     fails_with(capsys, run_args(cifar_root, tmp_path), 'data_batch_3 is not a readable')
+
+
+def test_data_root_that_is_a_file(tmp_path, capsys):
+    (tmp_path / 'cifar.tar.gz').write_bytes(b'not a folder')
+    fails_with(capsys, run_args(tmp_path / 'cifar.tar.gz', tmp_path), 'is a file, not a folder',
+               '--data_root')
+    assert sorted(os.listdir(tmp_path)) == ['cifar.tar.gz']
+
+
+@pytest.mark.parametrize('batch_size', [1])
+def test_batch_size_with_no_trainable_batch(cifar_root, tmp_path, capsys, batch_size):
+    fails_with(capsys, run_args(cifar_root, tmp_path, f'--BATCH_SIZE={batch_size}'),
+               f'BATCH_SIZE={batch_size} leaves no batch', 'BatchNorm')
+    assert not (tmp_path / 'results').exists()
 
 
 def test_existing_run_folder_is_never_overwritten(cifar_root, tmp_path, capsys):

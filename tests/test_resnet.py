@@ -6,6 +6,7 @@ import data
 import literal_reference
 import main_centralized as mc
 import resnet
+import runtime
 from conftest import MINI, PRETRAINED, needs
 
 
@@ -142,6 +143,6 @@ def test_authors_checkpoints_load_strictly_and_classify_real_images(arch, filena
     model = resnet.build(arch)
     resnet.load_checkpoint(model, PRETRAINED / filename, arch)  # legacy format, CUDA tensors
     cifar = data.load_cifar10(MINI, 'cpu')
-    _, accuracy = mc.evaluate_model(model, cifar['test_x'], cifar['test_y'])
+    _, accuracy = runtime.evaluate(model, cifar['test_x'], cifar['test_y'])
     assert cifar['test_y'].shape[0] == 1017
     assert accuracy >= floor

@@ -11,14 +11,13 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 import data
 import resnet
 import runtime
+import training
 import utils
 
 # ---------------------------------------------------------------------------------------------
@@ -61,17 +60,11 @@ PUBLISHED = {
          '76e4f25e2f0a6dbc501e892c0682e5ee25741a503cf1f6136ed30b335c10e04d'),
 }
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrained')
-ADAM_LR, SGD_LR, SGD_MOMENTUM = 1e-2, 0.1, 0.9
-LR2_AFTER_FREEZE = 1e-6  # the reference's fine-tuning center learning rate
 LOGS = {'test.txt': 'test_acc', 'train.txt': 'train_acc', 'q_testacc.txt': 'q_test_acc',
         'q_trainloss.txt': 'q_train_loss'}  # the reference's four logs, as JSON lists
 RESUMABLE = {'EPOCHS', 'fp_epochs', 'device', 'resume'}  # may change when a run is resumed
 SCRIPT = 'main_centralized.py'
 ConfigError = runtime.ConfigError
-
-
-class Diverged(Exception):
-    """The training loss became non-finite."""
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -128,25 +121,12 @@ def check_trainable_batches(batch_size, n_train):
 # --- schedules -------------------------------------------------------------------------------
 
 def schedule(cfg, epoch):
-    """The reference's per-epoch values for 0-based `epoch` (ALGORITHM.md, Schedules).
-
-    lambda = lambda_coef * (epoch + 1), where lambda_coef grows x10 at every SGD learning-rate
-    drop (not for ResNet-8); lambda2 likewise, but 0 from the freeze on. lr2 drops x10 at each
-    of lr2_milestones and is 1e-6 after the freeze epoch; 0 stays 0. The quantized layers are
-    hard-quantized and frozen at the start of epoch freeze_epoch - 1.
-    """
+    """The reference's values for 0-based `epoch` (training.schedule); with SGD, lambda_coef
+    grows x10 at every learning-rate drop, except for ResNet-8 (ALGORITHM.md, Schedules)."""
     lr_drops = sum(epoch >= m for m in cfg['lr_milestones'])
-    coef = cfg['lambda_coef'] * (10 ** lr_drops if not cfg['adam'] and cfg['resn'] != 8 else 1)
-    frozen = not cfg['fp'] and epoch >= cfg['freeze_epoch'] - 1
-    if cfg['lr2'] == 0:
-        lr2_now = 0.0
-    elif not cfg['fp'] and epoch > cfg['freeze_epoch']:
-        lr2_now = LR2_AFTER_FREEZE
-    else:
-        lr2_now = cfg['lr2'] / 10 ** sum(epoch >= m for m in cfg['lr2_milestones'])
-    return {'lam': coef * (epoch + 1), 'lam2': 0.0 if frozen else coef * (epoch + 1),
-            'lr2': lr2_now, 'frozen': frozen, 'freeze_now': frozen and
-            epoch == cfg['freeze_epoch'] - 1}
+    scale = 10 ** lr_drops if not cfg['adam'] and cfg['resn'] != 8 else 1
+    return training.schedule(epoch, cfg['lambda_coef'], cfg['lr2'], cfg['lr2_milestones'],
+                             cfg['freeze_epoch'], scale, quantizing=not cfg['fp'])
 
 
 def total_epochs(cfg):
@@ -154,16 +134,6 @@ def total_epochs(cfg):
 
 
 # --- model, optimizer, warm start ------------------------------------------------------------
-
-def build_optimizer(cfg, model):
-    """Adam for QuPeD with adam=True; SGD (0.1, momentum 0.9, MultiStepLR) otherwise."""
-    if cfg['adam'] and not cfg['fp']:
-        optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
-        return optimizer, None
-    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM,
-                                weight_decay=cfg['weight_decay'])
-    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg['lr_milestones']))
-
 
 def download_published(resn_depth, path):
     """Fetch the authors' checkpoint for this depth to `path`, with a progress bar; torch.hub
@@ -225,68 +195,6 @@ def report_checkpoint(cfg, dev):
     return acc
 
 
-# --- one epoch -------------------------------------------------------------------------------
-
-def train_epoch(cfg, state, cifar, sched):
-    """One epoch over the training set; QuPeD's update after every optimizer step."""
-    model, optimizer = state['model'], state['optimizer']
-    lr1 = optimizer.param_groups[0]['lr']
-    model.train()
-    loss_sum = torch.zeros((), device=cifar['train_y'].device)
-    correct = torch.zeros((), device=cifar['train_y'].device, dtype=torch.int64)
-    seen, members = 0, None
-    for x, y in data.train_batches(cifar, cfg['BATCH_SIZE'], state['generator']):
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        optimizer.step()
-        if not cfg['fp']:
-            members = utils.quped_update(
-                state['weights'], state['centers'], x, y, lr1=lr1, lr2=sched['lr2'],
-                lam=sched['lam'], lam2=sched['lam2'], l1=cfg['l1'],
-                center_reg_fix=cfg['center_reg_fix'])
-        loss_sum += loss.detach() * y.shape[0]
-        correct += (out.argmax(1) == y).sum()
-        seen += y.shape[0]
-    return loss_sum.item() / seen, correct.item() / seen, members, lr1
-
-
-def freeze_quantized_layers(state):
-    """The reference's fine-tuning: quantized layers stop receiving gradients."""
-    for p in state['weights'].params:
-        p.requires_grad_(False)
-
-
-def run_epoch(cfg, state, cifar, epoch):
-    """Train and evaluate 0-based `epoch`; returns its metrics row."""
-    sched = schedule(cfg, epoch)
-    if sched['freeze_now']:
-        utils.hard_quantize_(state['weights'], state['centers'])
-    if sched['frozen']:
-        freeze_quantized_layers(state)
-    sync = torch.cuda.synchronize if cifar['train_y'].is_cuda else (lambda: None)
-    start = time.perf_counter()
-    train_loss, train_acc, members, lr1 = train_epoch(cfg, state, cifar, sched)
-    sync()
-    trained = time.perf_counter()
-    model = state['model']
-    _, test_acc = runtime.evaluate(model, cifar['test_x'], cifar['test_y'])
-    q_params = utils.quantized_state(state['weights'], state['centers'])
-    _, q_test_acc = runtime.evaluate(model, cifar['test_x'], cifar['test_y'], q_params)
-    q_train_loss, _ = runtime.evaluate(model, cifar['train_x'], cifar['train_y'], q_params)
-    if state['scheduler'] is not None:
-        state['scheduler'].step()
-    if not math.isfinite(train_loss) or not torch.isfinite(state['centers']).all():
-        raise Diverged(epoch + 1)
-    return {'epoch': epoch + 1, 'train_loss': train_loss, 'train_acc': train_acc,
-            'test_acc': test_acc, 'q_test_acc': q_test_acc, 'q_train_loss': q_train_loss,
-            'lambda': sched['lam'], 'lambda2': sched['lam2'], 'lr1': lr1, 'lr2': sched['lr2'],
-            'frozen': sched['frozen'], 'centers': state['centers'].tolist(),
-            'members': None if members is None else members.long().tolist(),
-            'train_seconds': trained - start, 'eval_seconds': time.perf_counter() - trained}
-
-
 # --- outputs ---------------------------------------------------------------------------------
 
 def default_run_name(cfg):
@@ -325,10 +233,8 @@ def save_last(cfg, state, folder, rows):
     """Everything a resumed run needs: written after the epoch's best checkpoints and before
     its logs, so that what a run shows is never ahead of what --resume continues from."""
     runtime.save_torch(os.path.join(folder, 'last.pt'), {
-        'config': cfg, 'epoch': len(rows), 'rows': rows,
-        'model': state['model'].state_dict(), 'optimizer': state['optimizer'].state_dict(),
-        'scheduler': None if state['scheduler'] is None else state['scheduler'].state_dict(),
-        'centers': state['centers'], **runtime.rng_states(state['generator']),
+        'config': cfg, 'epoch': len(rows), 'rows': rows, **training.saved_state(state),
+        **runtime.rng_states(state['generator']),
         'best_test_acc': state['best_test_acc'], 'best_q_test_acc': state['best_q_test_acc'],
         # for inspection only: a resumed run recomputes it from the epoch
         'schedule': schedule(cfg, len(rows)) if len(rows) < total_epochs(cfg) else None})
@@ -350,29 +256,31 @@ def initial_state(cfg, dev):
     if not cfg['cold_start']:
         warm_start(cfg, model)
     model.to(dev)
-    optimizer, scheduler = build_optimizer(cfg, model)
-    weights = utils.QuantizedWeights(model)
+    optimizer, scheduler = training.build_optimizer(
+        model, cfg['adam'] and not cfg['fp'], cfg['weight_decay'], cfg['lr_milestones'])
+    generator = runtime.device_generator(cfg['seed'], dev)
     try:
-        centers = utils.init_centers(weights, cfg['n_centroids'], adam=cfg['adam'])
+        state = training.new_state(model, cfg['n_centroids'], optimizer, scheduler, generator,
+                                   adam_centers=cfg['adam'])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    generator = runtime.device_generator(cfg['seed'], dev)
-    return {'model': model, 'optimizer': optimizer, 'scheduler': scheduler, 'weights': weights,
-            'centers': centers, 'generator': generator, 'best_test_acc': 0.0,
-            'best_q_test_acc': 0.0}
+    return {**state, 'best_test_acc': 0.0, 'best_q_test_acc': 0.0}
 
 
 def resumed_state(cfg, dev, checkpoint):
     state = initial_state({**cfg, 'cold_start': True}, dev)
-    state['model'].load_state_dict(checkpoint['model'])
-    state['optimizer'].load_state_dict(checkpoint['optimizer'])
-    if state['scheduler'] is not None:
-        state['scheduler'].load_state_dict(checkpoint['scheduler'])
-    state['centers'].copy_(checkpoint['centers'])
+    training.load_state(state, checkpoint)
     runtime.restore_rng_states(checkpoint, state['generator'])
     state['best_test_acc'] = checkpoint['best_test_acc']
     state['best_q_test_acc'] = checkpoint['best_q_test_acc']
     return state
+
+
+def run_epoch(cfg, state, cifar, epoch):
+    """Train and evaluate 0-based `epoch`; returns its metrics row."""
+    return {'epoch': epoch + 1, **training.run_epoch(
+        state, cifar, schedule(cfg, epoch), cfg['BATCH_SIZE'], cfg['l1'], cfg['center_reg_fix'],
+        update=not cfg['fp'])}
 
 
 def train(cfg, overrides):
@@ -409,9 +317,9 @@ def train(cfg, overrides):
         for epoch in range(len(rows), epochs):
             try:
                 row = run_epoch(cfg, state, cifar, epoch)
-            except Diverged as e:
-                raise Diverged(
-                    f"the training loss or the centers became non-finite in epoch {e.args[0]}; "
+            except training.Diverged:
+                raise training.Diverged(
+                    f"the training loss or the centers became non-finite in epoch {epoch + 1}; "
                     f"the run stopped and {folder} keeps the outputs of epoch {len(rows)}. Lower "
                     f"the learning rates or lambda_coef and start again.") from None
             rows.append(row)
@@ -440,7 +348,7 @@ def main(argv=None):
     (exit status 2), Ctrl-C with the command that continues it (exit status 130), and every
     file already written stays as it was."""
     return runtime.run_guarded(run, sys.argv[1:] if argv is None else argv,
-                               (resnet.CheckpointError, data.DataError, Diverged))
+                               (resnet.CheckpointError, data.DataError, training.Diverged))
 
 
 if __name__ == '__main__':

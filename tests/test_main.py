@@ -17,6 +17,7 @@ import data
 import main_centralized as mc
 import resnet
 import runtime
+import training
 import utils
 from conftest import MINI, PRETRAINED, ROOT, needs, write_batch
 
@@ -118,9 +119,10 @@ def test_sgd_lambda_grows_tenfold_at_each_learning_rate_drop(epoch, lam):
 
 def test_lambda_drops_follow_the_optimizers_learning_rate():
     cfg = cfg_with(adam=False, lr_milestones=(3, 5))
-    optimizer, scheduler = mc.build_optimizer(cfg, resnet.build('resnet8'))
+    optimizer, scheduler = training.build_optimizer(resnet.build('resnet8'), adam=False,
+                                                    lr_milestones=cfg['lr_milestones'])
     for epoch in range(7):
-        drops = round(math.log10(mc.SGD_LR / optimizer.param_groups[0]['lr']))
+        drops = round(math.log10(training.SGD_LR / optimizer.param_groups[0]['lr']))
         assert mc.schedule(cfg, epoch)['lam'] == pytest.approx(1e-4 * 10 ** drops * (epoch + 1))
         optimizer.step()  # no gradients: only keeps the scheduler's order check quiet
         scheduler.step()
@@ -235,7 +237,7 @@ def test_fp_run_saves_a_warm_start_that_loads(cifar_root, tmp_path, capsys):
     target = tmp_path / 'pretrained' / 'mine.pt'
     mc.main(run_args(cifar_root, tmp_path, '--fp=True', '--fp_epochs=1', '--save_pretrained=True',
                      f'--pretrained_path={target}', name='fp'))
-    assert rows(tmp_path / 'results' / 'fp')[0]['lr1'] == mc.SGD_LR
+    assert rows(tmp_path / 'results' / 'fp')[0]['lr1'] == training.SGD_LR
     folder = mc.main(run_args(cifar_root, tmp_path, '--cold_start=False', '--EPOCHS=1',
                               f'--pretrained_path={target}', name='warm'))
     assert f'warm start from {target}' in capsys.readouterr().out
@@ -380,6 +382,7 @@ WRITER = """
 import sys, hashlib
 sys.path.insert(0, sys.argv[1])
 import runtime
+import training
 i = 0
 while True:
     payload = str(i).encode() * 2_000_000

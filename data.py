@@ -10,6 +10,7 @@ import functools
 import os
 import pickle
 
+import numpy as np
 import torch
 
 FOLDER = 'cifar-10-batches-py'
@@ -143,3 +144,116 @@ def eval_batches(images, labels, batch_size=1000):
     """(normalised images, labels) in order, without augmentation."""
     for start in range(0, labels.shape[0], batch_size):
         yield normalize(images[start:start + batch_size]), labels[start:start + batch_size]
+
+
+# --- client partitions (federated runs) -------------------------------------------------------
+
+NUM_CLASSES = 10
+
+
+class PartitionError(Exception):
+    """A partition the data cannot support; the message says which setting to change."""
+
+
+def class_pools(labels, generator):
+    """For each class, the indices of its images in a seeded random order."""
+    return [idx[torch.randperm(idx.numel(), generator=generator)]
+            for idx in (torch.nonzero(labels == k).flatten() for k in range(NUM_CLASSES))]
+
+
+def pathological_partition(labels, n_clients, classes_per_client, seed):
+    """Training indices per client (sorted): client i holds `classes_per_client` classes, taken
+    in turn from a seeded order of the ten classes (client i gets classes (i c + j) mod 10 of
+    that order), and each class's images are split evenly among the clients that hold it."""
+    if not 1 <= classes_per_client <= NUM_CLASSES:
+        raise PartitionError(f"classes_per_client={classes_per_client}: a client holds 1 to "
+                             f"{NUM_CLASSES} of CIFAR-10's classes.")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(NUM_CLASSES, generator=generator).tolist()
+    holders = [[] for _ in range(NUM_CLASSES)]
+    for client in range(n_clients):
+        for j in range(classes_per_client):
+            holders[order[(client * classes_per_client + j) % NUM_CLASSES]].append(client)
+    parts = [[] for _ in range(n_clients)]
+    for k, pool in enumerate(class_pools(labels.cpu(), generator)):
+        if not holders[k]:
+            continue
+        if len(holders[k]) > pool.numel():
+            raise PartitionError(
+                f"class {k} has {pool.numel()} training images but {len(holders[k])} of the "
+                f"{n_clients} clients hold it, so some would get none: lower n_clients or "
+                f"classes_per_client.")
+        for client, chunk in zip(holders[k], torch.tensor_split(pool, len(holders[k]))):
+            parts[client].append(chunk)
+    return [torch.sort(torch.cat(p)).values if p else torch.zeros(0, dtype=torch.long)
+            for p in parts]
+
+
+def dirichlet_partition(labels, n_clients, alpha, seed):
+    """Training indices per client (sorted), as Hsu et al. (2019) draw them: every client gets
+    the same number of images (N // n_clients, the first N mod n_clients one more), with label
+    proportions drawn from Dirichlet(alpha) for each client. A class that runs out is dropped
+    from the draw and the client's remaining proportions renormalised, so the draw always ends:
+    each pass takes at least one image."""
+    if not alpha > 0:
+        raise PartitionError(f"dirichlet_alpha={alpha}: must be positive (small: each client "
+                             f"sees few classes; large: all classes alike).")
+    generator = torch.Generator().manual_seed(seed)
+    pools = class_pools(labels.cpu(), generator)
+    rng = np.random.default_rng(seed)
+    proportions = rng.dirichlet(np.full(NUM_CLASSES, float(alpha)), size=n_clients)
+    remaining = np.array([p.numel() for p in pools])
+    taken = np.zeros(NUM_CLASSES, dtype=np.int64)
+    total = int(remaining.sum())
+    parts = []
+    for client in range(n_clients):
+        need = total // n_clients + (client < total % n_clients)
+        counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+        while need > 0:
+            available = remaining > 0
+            weights = proportions[client] * available
+            weights = weights / weights.sum() if weights.sum() > 0 else available / available.sum()
+            draw = np.minimum(rng.multinomial(need, weights), remaining)
+            counts += draw
+            remaining -= draw
+            need -= int(draw.sum())
+        parts.append(torch.sort(torch.cat([pools[k][taken[k]:taken[k] + counts[k]]
+                                           for k in range(NUM_CLASSES)])).values)
+        taken += counts
+    return parts
+
+
+def class_counts(labels, parts):
+    """[clients, 10] numbers of images of each class in each part."""
+    labels = labels.cpu()
+    return torch.stack([torch.bincount(labels[p], minlength=NUM_CLASSES) for p in parts])
+
+
+def test_partition(test_labels, train_counts, seed):
+    """Test indices per client (sorted): the official test images of each client's classes, in
+    the proportions of its training labels (client i gets floor(T_k n_ik / sum_j n_jk) of the
+    T_k test images of class k), disjoint across clients."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    pools = class_pools(test_labels.cpu(), generator)
+    parts = [[] for _ in range(train_counts.shape[0])]
+    for k, pool in enumerate(pools):
+        holders = train_counts[:, k]
+        if holders.sum() == 0:
+            continue
+        sizes = (pool.numel() * holders // holders.sum()).tolist()
+        start = 0
+        for client, size in enumerate(sizes):
+            parts[client].append(pool[start:start + size])
+            start += size
+    return [torch.sort(torch.cat(p)).values for p in parts]
+
+
+def client_datasets(dataset, train_parts, test_parts):
+    """Each client's images and labels, gathered once onto the dataset's device."""
+    device = dataset['train_y'].device
+    clients = []
+    for train, test in zip(train_parts, test_parts):
+        train, test = train.to(device), test.to(device)
+        clients.append({'train_x': dataset['train_x'][train], 'train_y': dataset['train_y'][train],
+                        'test_x': dataset['test_x'][test], 'test_y': dataset['test_y'][test]})
+    return clients

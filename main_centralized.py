@@ -241,6 +241,7 @@ def save_last(cfg, state, folder, rows):
 
 
 def epoch_line(row, epochs, left):
+    """The stdout line of an epoch."""
     return (f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f} | test acc {row['test_acc']:.4f} | quantized test acc "
             f"{row['q_test_acc']:.4f} train loss {row['q_train_loss']:.4f} | lambda "
@@ -312,25 +313,13 @@ def train(cfg, overrides):
         print(f"resuming {folder} after epoch {len(rows)}")
     print('config: ' + json.dumps(cfg))
     runtime.write_json(os.path.join(folder, 'config.json'), cfg)
-    epochs, saved, clock = total_epochs(cfg), len(rows), runtime.Clock()
-    try:
-        for epoch in range(len(rows), epochs):
-            try:
-                row = run_epoch(cfg, state, cifar, epoch)
-            except training.Diverged:
-                raise training.Diverged(
-                    f"the training loss or the centers became non-finite in epoch {epoch + 1}; "
-                    f"the run stopped and {folder} keeps the outputs of epoch {len(rows)}. Lower "
-                    f"the learning rates or lambda_coef and start again.") from None
-            rows.append(row)
-            save_bests(cfg, state, folder, row)
-            save_last(cfg, state, folder, rows)
-            saved = len(rows)
-            runtime.write_rows(folder, rows, LOGS)
-            clock.tick()
-            print(epoch_line(row, epochs, clock.left(epochs - len(rows))), flush=True)
-    except KeyboardInterrupt:
-        raise runtime.interrupted(folder, saved, 'epoch', SCRIPT) from None
+
+    def save(rows):
+        save_bests(cfg, state, folder, rows[-1])
+        save_last(cfg, state, folder, rows)
+    runtime.train_loop(folder, rows, total_epochs(cfg),
+                       lambda epoch: run_epoch(cfg, state, cifar, epoch), save, epoch_line,
+                       'epoch', SCRIPT, LOGS)
     print(f"done: best test accuracy {state['best_test_acc']:.4f} (full precision), "
           f"{state['best_q_test_acc']:.4f} (quantized); outputs in {folder}")
     return folder
@@ -348,7 +337,7 @@ def main(argv=None):
     (exit status 2), Ctrl-C with the command that continues it (exit status 130), and every
     file already written stays as it was."""
     return runtime.run_guarded(run, sys.argv[1:] if argv is None else argv,
-                               (resnet.CheckpointError, data.DataError, training.Diverged))
+                               (resnet.CheckpointError, data.DataError))
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""CIFAR-10 ResNets (He et al. 2016, section 4.2) with option-A (parameter-free) shortcuts.
+"""CIFAR-10 models: ResNets (He et al. 2016, section 4.2) with option-A (parameter-free)
+shortcuts, and two small CNNs for clients with few resources.
 
 The same architecture and parameter names as akamaster/pytorch_resnet_cifar10 and the QuPeD
 authors' `resnet.py` (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `linear.*`), so their
@@ -14,6 +15,13 @@ checkpoints load strictly. Depth 6n + 2, n blocks per stage:
 
 (The authors' `resnet8` has `[1, 1, 0]` blocks and cannot run: its linear layer expects 64
 features. Their golden vectors use `[1, 1, 1]`, as here.)
+
+The QuPeD authors' code names two CNNs, `Cifarnet` and `Cifarnet2`, but never released them;
+these are this project's, small and without BatchNorm:
+
+    cifarnet    conv5x5 3->6, maxpool, conv5x5 6->16, maxpool, fc 400->120->84->10      62,006
+    cifarnet2   conv3x3 3->16, maxpool, conv3x3 16->32, maxpool, conv3x3 32->64,
+                maxpool, fc 1024->128->10                                            156,074
 
 This module knows nothing of quantization.
 """
@@ -86,11 +94,53 @@ class ResNet(nn.Module):
         return self.linear(out.view(out.size(0), -1))
 
 
+class Cifarnet(nn.Module):
+    """LeNet-5's layout on 32x32 colour images."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        out = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        out = F.max_pool2d(F.relu(self.conv2(out)), 2)
+        out = F.relu(self.fc1(out.flatten(1)))
+        return self.fc3(F.relu(self.fc2(out)))
+
+
+class Cifarnet2(nn.Module):
+    """Three 3x3 convolutions, each followed by 2x2 max pooling, then two fully connected
+    layers."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 4 * 4, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        out = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        out = F.max_pool2d(F.relu(self.conv2(out)), 2)
+        out = F.max_pool2d(F.relu(self.conv3(out)), 2)
+        return self.fc2(F.relu(self.fc1(out.flatten(1))))
+
+
+CNNS = {'cifarnet': Cifarnet, 'cifarnet2': Cifarnet2}
+ARCHS = list(BLOCKS_PER_STAGE) + list(CNNS)
+
+
 def build(arch):
-    """A freshly initialised `arch` ('resnet20', ...)."""
+    """A freshly initialised `arch` ('resnet20', 'cifarnet', ...)."""
+    if arch in CNNS:
+        return CNNS[arch]()
     if arch not in BLOCKS_PER_STAGE:
-        raise ValueError(f"unknown architecture {arch!r}: choose one of "
-                         f"{', '.join(BLOCKS_PER_STAGE)}")
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
     return ResNet(BLOCKS_PER_STAGE[arch])
 
 
@@ -152,7 +202,10 @@ def read_state_dict(path):
 
 
 def guess_arch(state_dict):
-    """The architecture a ResNet state_dict belongs to, from its number of blocks, or None."""
+    """The architecture a state_dict belongs to (a ResNet by its number of blocks), or None."""
+    for arch, cnn in CNNS.items():
+        if set(state_dict) == set(cnn().state_dict()):
+            return arch
     blocks = {k.split('.')[1] for k in state_dict if k.startswith('layer1.')}
     return next((a for a, n in BLOCKS_PER_STAGE.items() if n == len(blocks)), None)
 

@@ -32,6 +32,10 @@ class Interrupted(Exception):
     """Ctrl-C during a run; the message names what was kept and how to continue."""
 
 
+class Diverged(Exception):
+    """The training loss or the centers became non-finite."""
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 def hyperparameters(namespace):
@@ -326,6 +330,32 @@ def interrupted(folder, completed, unit, script):
                        f"--resume={folder}")
 
 
+def train_loop(folder, rows, total, step, save, line, unit, script, lists=None):
+    """Extend `rows` to `total` rows, row i being step(i). After each, save(rows) writes the
+    checkpoints (last.pt last of them), then the logs and the stdout line follow, so that what a
+    run shows is never ahead of what --resume continues from. Ctrl-C ends it with
+    `Interrupted`, a non-finite loss with `Diverged`; the last completed row's outputs stay."""
+    saved, clock = len(rows), Clock()
+    try:
+        for i in range(len(rows), total):
+            try:
+                row = step(i)
+            except Diverged:
+                raise Diverged(f"the training loss or the centers became non-finite in {unit} "
+                               f"{i + 1}; the run stopped and {folder} keeps the outputs of "
+                               f"{unit} {len(rows)}. Lower the learning rates or lambda_coef and "
+                               f"start again.") from None
+            rows.append(row)
+            save(rows)
+            saved = len(rows)
+            write_rows(folder, rows, lists)
+            clock.tick()
+            print(line(row, total, clock.left(total - len(rows))), flush=True)
+    except KeyboardInterrupt:
+        raise interrupted(folder, saved, unit, script) from None
+    return rows
+
+
 def run_guarded(body, argv, errors):
     """body(argv), ending a bad input or any of `errors` with a one-paragraph message (exit
     status 2), and a Ctrl-C with one line (exit status 130); every file already written stays as
@@ -338,6 +368,6 @@ def run_guarded(body, argv, errors):
     except KeyboardInterrupt:
         print("interrupted before the run began: nothing was written.", file=sys.stderr)
         raise SystemExit(INTERRUPTED)
-    except (ConfigError, *errors) as e:
+    except (ConfigError, Diverged, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

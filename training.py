@@ -18,10 +18,6 @@ ADAM_LR, SGD_LR, SGD_MOMENTUM = 1e-2, 0.1, 0.9  # the reference's weight optimiz
 LR2_AFTER_FREEZE = 1e-6  # the reference's fine-tuning center learning rate
 
 
-class Diverged(Exception):
-    """The training loss or the centers became non-finite."""
-
-
 def schedule(epoch, lambda_coef, lr2, lr2_milestones, freeze_epoch, lambda_scale=1,
              quantizing=True):
     """The reference's values for 0-based `epoch` (ALGORITHM.md, Schedules).
@@ -151,7 +147,7 @@ def synchronize(device):
 
 def run_epoch(state, dataset, sched, batch_size, l1=True, center_reg_fix=False, update=True):
     """Algorithm 1 for one epoch: train, evaluate; returns the epoch's metrics (without its
-    number). Raises Diverged when the loss or the centers are no longer finite."""
+    number). Raises runtime.Diverged when the loss or the centers are no longer finite."""
     start_epoch(state, sched)
     device = dataset['train_y'].device
     start = time.perf_counter()
@@ -164,7 +160,7 @@ def run_epoch(state, dataset, sched, batch_size, l1=True, center_reg_fix=False, 
         state['scheduler'].step()
     centers = state['centers']
     if not math.isfinite(train_loss) or (centers is not None and not torch.isfinite(centers).all()):
-        raise Diverged
+        raise runtime.Diverged
     return {**row, 'lambda': sched['lam'], 'lambda2': sched['lam2'], 'lr1': lr1,
             'lr2': sched['lr2'], 'frozen': sched['frozen'],
             'centers': None if centers is None else centers.tolist(),

@@ -172,8 +172,8 @@ def load_model(path, device='cpu'):
     last.pt) or any CIFAR ResNet state_dict, and the checkpoint's `config`, `epoch` and
     `metrics` ({} for a bare state_dict). best_quantized.pt holds the quantized weights Q_c(x),
     so the model it gives is the quantized model."""
-    state = resnet.read_state_dict(path)  # reports a missing or damaged file
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    state = resnet.read_state_dict(path)  # reports a missing, damaged or state-less file
+    checkpoint = resnet.read_checkpoint(path)
     info = {k: checkpoint[k] for k in ('config', 'epoch', 'metrics')
             if isinstance(checkpoint, dict) and k in checkpoint}
     arch = f"resnet{info['config']['resn']}" if 'config' in info else resnet.guess_arch(state)

@@ -213,50 +213,64 @@ def initial_states(cfg, dev):
 
 # --- one client's round ----------------------------------------------------------------------
 
-def quped_client_update(cfg, state, global_copy, dataset, sched):
-    """`local_epochs` of QuPeD's client iteration over `dataset`, per batch:
+def quped_client_step(cfg, state, global_copy, global_optimizer, x, y, sched, lr1):
+    """QuPeD's client iteration on one batch:
     (a) a step of the personalised model x_i on the KD loss towards the global copy w_i, then
         Algorithm 1's prox step;
     (b) Algorithm 1's center step with the KD loss through Q_c(x_i);
     (c) a step of w_i on the KD loss towards Q_c(x_i)'s logits from (b) (cross-entropy when
         global_kd is False).
-    One forward of w_i serves as the teacher of (a) and (b) and as the graph of (c); all
-    teachers are detached. Returns the client's training metrics."""
+    One forward of w_i serves as the teacher of (a) and (b) and as the graph of (c), so the
+    iteration runs three forward/backward passes; every teacher is detached. Returns the
+    detached (personal loss, personal logits, global loss, member counts or None)."""
     model, optimizer, weights, centers = (state[k] for k in ('model', 'optimizer', 'weights',
                                                              'centers'))
-    global_optimizer = torch.optim.SGD(global_copy.parameters(), lr=cfg['global_lr'],
-                                       momentum=cfg['global_momentum'],
-                                       weight_decay=cfg['weight_decay'])
-    kd = {'lambda_p': cfg['lambda_p'], 'temp': cfg['temp'], 'scale_student': cfg['kd_scale_student']}
-    lr1 = optimizer.param_groups[0]['lr']
-    model.train()
+    kd = {'lambda_p': cfg['lambda_p'], 'temp': cfg['temp'],
+          'scale_student': cfg['kd_scale_student']}
+    global_logits = global_copy(x)
+    teacher = global_logits.detach()
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = utils.kd_loss(logits, y, teacher, **kd)
+    loss.backward()
+    optimizer.step()
+    personal_logits, members = logits.detach(), None
+    if weights is not None:
+        utils.prox_step(weights, centers, lr1, sched['lam'], l1=cfg['l1'], lr2=sched['lr2'])
+        members, personal_logits = utils.center_step(
+            weights, centers, x, y, sched['lr2'], sched['lam2'], l1=cfg['l1'],
+            center_reg_fix=cfg['center_reg_fix'],
+            loss_fn=lambda out, labels: utils.kd_loss(out, labels, teacher, **kd))
+    global_optimizer.zero_grad(set_to_none=True)
+    global_loss = (utils.kd_loss(global_logits, y, personal_logits, **kd) if cfg['global_kd']
+                   else F.cross_entropy(global_logits, y))
+    global_loss.backward()
+    global_optimizer.step()
+    return loss.detach(), logits.detach(), global_loss.detach(), members
+
+
+def global_optimizer_for(cfg, global_copy):
+    """The global copy's local optimizer, new every round: FedAvg's clients keep no state."""
+    return torch.optim.SGD(global_copy.parameters(), lr=cfg['global_lr'],
+                           momentum=cfg['global_momentum'], weight_decay=cfg['weight_decay'])
+
+
+def quped_client_update(cfg, state, global_copy, dataset, sched):
+    """`local_epochs` of QuPeD's client iteration (quped_client_step) over the client's data;
+    returns the client's training metrics."""
+    global_optimizer = global_optimizer_for(cfg, global_copy)
+    lr1 = state['optimizer'].param_groups[0]['lr']
+    state['model'].train()
     global_copy.train()
     sums = torch.zeros(3, device=dataset['train_y'].device)  # loss, correct, global loss
     seen, members = 0, None
     for _ in range(cfg['local_epochs']):
         for x, y in data.train_batches(dataset, cfg['BATCH_SIZE'], state['generator']):
-            global_logits = global_copy(x)
-            teacher = global_logits.detach()
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = utils.kd_loss(logits, y, teacher, **kd)
-            loss.backward()
-            optimizer.step()
-            personal_logits = logits.detach()
-            if weights is not None:
-                utils.prox_step(weights, centers, lr1, sched['lam'], l1=cfg['l1'],
-                                lr2=sched['lr2'])
-                members, personal_logits = utils.center_step(
-                    weights, centers, x, y, sched['lr2'], sched['lam2'], l1=cfg['l1'],
-                    center_reg_fix=cfg['center_reg_fix'],
-                    loss_fn=lambda out, labels: utils.kd_loss(out, labels, teacher, **kd))
-            global_optimizer.zero_grad(set_to_none=True)
-            global_loss = (utils.kd_loss(global_logits, y, personal_logits, **kd)
-                           if cfg['global_kd'] else F.cross_entropy(global_logits, y))
-            global_loss.backward()
-            global_optimizer.step()
-            sums += torch.stack([loss.detach() * y.shape[0], (logits.argmax(1) == y).sum(),
-                                 global_loss.detach() * y.shape[0]])
+            loss, logits, global_loss, step_members = quped_client_step(
+                cfg, state, global_copy, global_optimizer, x, y, sched, lr1)
+            members = step_members if step_members is not None else members
+            sums += torch.stack([loss * y.shape[0], (logits.argmax(1) == y).sum(),
+                                 global_loss * y.shape[0]])
             seen += y.shape[0]
     loss_sum, correct, global_loss_sum = sums.tolist()
     return {'train_loss': loss_sum / seen, 'train_acc': correct / seen,
@@ -266,8 +280,7 @@ def quped_client_update(cfg, state, global_copy, dataset, sched):
 
 def fedavg_client_update(cfg, state, global_copy, dataset):
     """FedAvg's local step: `local_epochs` of plain cross-entropy SGD on the global copy."""
-    optimizer = torch.optim.SGD(global_copy.parameters(), lr=cfg['global_lr'],
-                                momentum=cfg['global_momentum'], weight_decay=cfg['weight_decay'])
+    optimizer = global_optimizer_for(cfg, global_copy)
     global_copy.train()
     sums = torch.zeros(2, device=dataset['train_y'].device)
     seen = 0
@@ -422,3 +435,153 @@ def run_round(cfg, run, rnd):
         clients_metrics.append(entry)
     timings = {'train_seconds': mid - start, 'eval_seconds': time.perf_counter() - mid}
     return round_row(cfg, rnd, sched, clients_metrics, timings)
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+def default_run_name(cfg):
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    return f"fed_{cfg['algorithm']}_{cfg['n_clients']}c_{cfg['partition']}_{stamp}"
+
+
+def quantized_model_state(state):
+    """A personalised model's state_dict on the CPU, Q_c(x) in its quantized layers."""
+    saved = {k: v.detach().cpu().clone() for k, v in state['model'].state_dict().items()}
+    if state['weights'] is not None:
+        saved.update({k: v.cpu() for k, v in
+                      utils.quantized_state(state['weights'], state['centers']).items()})
+    return saved
+
+
+def save_best(cfg, run, folder, row):
+    """best.pt when the clients' mean personalised quantized test accuracy improves (strictly):
+    every client's quantized model and centers, and the global model."""
+    if row['q_test_acc_mean'] <= run['best']:
+        return
+    run['best'] = row['q_test_acc_mean']
+    clients = []
+    if cfg['algorithm'] != 'fedavg':
+        for client, state in enumerate(run['clients']):
+            arch, bits = client_plan(cfg, client)
+            clients.append({'client': client, 'arch': arch, 'bits': bits,
+                            'state_dict': quantized_model_state(state),
+                            'centers': None if state['centers'] is None else state['centers'].cpu(),
+                            'quantized_names': None if state['weights'] is None
+                            else state['weights'].names})
+    global_model = run['global_model']
+    runtime.save_torch(os.path.join(folder, 'best.pt'), {
+        'config': cfg, 'round': row['round'], 'metrics': row, 'clients': clients,
+        'global': None if global_model is None else {
+            'arch': cfg['global_arch'],
+            'state_dict': {k: v.cpu() for k, v in global_model.state_dict().items()}}})
+
+
+def save_last(cfg, run, folder, rows):
+    """Everything a resumed run needs, written after best.pt and before the logs."""
+    clients = [training.saved_state(s) if 'model' in s else {'generator': s['generator'].get_state()}
+               for s in run['clients']]
+    runtime.save_torch(os.path.join(folder, 'last.pt'), {
+        'config': cfg, 'round': len(rows), 'rows': rows, 'clients': clients,
+        'global': None if run['global_model'] is None else run['global_model'].state_dict(),
+        **runtime.rng_states(run['sampler']), 'best': run['best']})
+
+
+def restore(run, checkpoint):
+    for state, saved in zip(run['clients'], checkpoint['clients']):
+        if 'model' in state:
+            training.load_state(state, saved)
+        else:
+            state['generator'].set_state(saved['generator'])
+    if run['global_model'] is not None:
+        run['global_model'].load_state_dict(checkpoint['global'])
+    runtime.restore_rng_states(checkpoint, run['sampler'])
+    run['best'] = checkpoint['best']
+
+
+def load_client_model(path, client, device='cpu'):
+    """Client `client`'s quantized personalised model from a best.pt, ready (eval mode), and
+    {'round', 'metrics', 'config', 'arch', 'bits', 'centers'}. For a FedAvg run, whose clients
+    have no model of their own, the global model."""
+    checkpoint = resnet.read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not {'clients', 'global', 'round'} <= set(checkpoint):
+        raise resnet.CheckpointError(f"{path} is not a best.pt of main_federated.py (it lacks "
+                                     f"'clients', 'global' or 'round').")
+    entries = checkpoint['clients']
+    if entries and not 0 <= client < len(entries):
+        raise resnet.CheckpointError(f"{path} holds clients 0 to {len(entries) - 1}, not "
+                                     f"{client}.")
+    entry = entries[client] if entries else {**checkpoint['global'], 'bits': 0, 'centers': None}
+    model = resnet.build(entry['arch'])
+    model.load_state_dict(entry['state_dict'])
+    info = {'round': checkpoint['round'], 'metrics': checkpoint['metrics'],
+            'config': checkpoint['config'], 'arch': entry['arch'], 'bits': entry['bits'],
+            'centers': entry['centers']}
+    return model.to(device).eval(), info
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def describe_partition(parts):
+    sizes = [len(p['train_indices']) for p in parts]
+    tests = [len(p['test_indices']) for p in parts]
+    classes = [sum(c > 0 for c in p['train_class_counts']) for p in parts]
+    return (f"{len(parts)} clients, {min(sizes)}-{max(sizes)} training and {min(tests)}-"
+            f"{max(tests)} test images each, {min(classes)}-{max(classes)} classes each")
+
+
+def train(cfg, overrides):
+    """A new federated run, or the continuation of cfg['resume']; returns the run folder."""
+    checkpoint = None
+    if cfg['resume']:
+        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE)
+    dev = runtime.select_device(cfg['device'])
+    runtime.prepare_device(dev)
+    print(f"device: {runtime.describe_device(dev)}")
+    cifar = data.load_cifar10(cfg['data_root'], dev)
+    parts = make_partition(cfg, cifar)
+    datasets = client_data(cifar, parts)
+    print(f"data: {describe_partition(parts)} ({cfg['partition']}), from "
+          f"{data.batches_folder(cfg['data_root'])}")
+    clients, global_model = initial_states(cfg, dev)
+    run = {'clients': clients, 'global_model': global_model, 'datasets': datasets,
+           'global_copy': None if global_model is None else build_model(cfg, cfg['global_arch'],
+                                                                        dev),
+           'sampler': torch.Generator().manual_seed(cfg['seed']), 'best': -1.0}
+    if checkpoint is None:
+        folder = cfg['resume'] or runtime.new_run_folder(
+            cfg['results_dir'], cfg['run_name'] or default_run_name(cfg), SCRIPT)
+        cfg['run_name'] = os.path.basename(os.path.normpath(folder))
+        rows = []
+    else:
+        folder = cfg['resume']
+        restore(run, checkpoint)
+        rows = checkpoint['rows']
+        runtime.write_rows(folder, rows)  # a log a kill left behind last.pt catches up
+        print(f"resuming {folder} after round {len(rows)}")
+    print('config: ' + json.dumps(cfg))
+    runtime.write_json(os.path.join(folder, 'config.json'), cfg)
+    runtime.write_json(os.path.join(folder, 'partition.json'), parts)
+
+    def save(rows):
+        save_best(cfg, run, folder, rows[-1])
+        save_last(cfg, run, folder, rows)
+    runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: run_round(cfg, run, rnd), save,
+                       round_line, 'round', SCRIPT)
+    best = max(rows, key=lambda row: row['q_test_acc_mean'])
+    print(f"done: mean personalised quantized test accuracy {rows[-1]['q_test_acc_mean']:.4f} "
+          f"in the last round, {best['q_test_acc_mean']:.4f} at best (round {best['round']}, "
+          f"selected on test data); outputs in {folder}")
+    return folder
+
+
+def main(argv=None):
+    """Run the federated experiment with `argv` overrides; a bad input ends it with a
+    one-paragraph error (exit status 2), Ctrl-C with the command that continues it (exit status
+    130), and every file already written stays as it was."""
+    return runtime.run_guarded(lambda args: train(*make_config(args)),
+                               sys.argv[1:] if argv is None else argv,
+                               (resnet.CheckpointError, data.DataError, data.PartitionError))
+
+
+if __name__ == '__main__':
+    main()

@@ -172,6 +172,21 @@ class CheckpointError(Exception):
     """A checkpoint file that cannot be loaded into the requested model; the message says why."""
 
 
+def read_checkpoint(path):
+    """What `path` holds, loaded on the CPU without running code from it (weights_only)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist: check the path, or leave "
+                              f"pretrained_path at its default to download the authors' file.")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        reason = str(e).splitlines()[0] if str(e) else ''
+        raise CheckpointError(f"checkpoint {path!r} could not be read ({type(e).__name__}: "
+                              f"{reason}); the file is damaged or not a PyTorch checkpoint: "
+                              f"delete it and download or re-create it.")
+
+
 def read_state_dict(path):
     """The state_dict stored in `path`, on the CPU, whichever of the usual layouts it uses.
 
@@ -179,25 +194,15 @@ def read_state_dict(path):
     dict wrapping it under 'state_dict' or 'model' (akamaster's, ours), and DataParallel's
     'module.' key prefix.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist: check the path, or leave "
-                              f"pretrained_path at its default to download the authors' file.")
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        reason = str(e).splitlines()[0] if str(e) else ''
-        raise CheckpointError(f"checkpoint {path!r} could not be read ({type(e).__name__}: "
-                              f"{reason}); the file is damaged or not a PyTorch checkpoint: "
-                              f"delete it and download or re-create it.")
+    obj = read_checkpoint(path)
     for key in ('state_dict', 'model'):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path!r} holds no state_dict (found {type(obj).__name__}"
-                              f"); expected a state_dict, or a dict with one under 'state_dict' "
-                              f"or 'model'.")
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds no state_dict (found "
+                              f"{type(obj).__name__}); expected a state_dict, or a dict with one "
+                              f"under 'state_dict' or 'model'.")
     return {k.removeprefix('module.'): v for k, v in obj.items()}
 
 

@@ -15,6 +15,7 @@ import sys
 import torch
 
 import data
+import packing
 import resnet
 import runtime
 import training
@@ -169,17 +170,21 @@ def warm_start(cfg, model):
 
 def load_model(path, device='cpu'):
     """A ready model (eval mode) from one of our checkpoints (best_fp.pt, best_quantized.pt,
-    last.pt) or any CIFAR ResNet state_dict, and the checkpoint's `config`, `epoch` and
-    `metrics` ({} for a bare state_dict). best_quantized.pt holds the quantized weights Q_c(x),
-    so the model it gives is the quantized model."""
-    state = resnet.read_state_dict(path)  # reports a missing, damaged or state-less file
-    checkpoint = resnet.read_checkpoint(path)
+    last.pt), a packed file (export.py) or any CIFAR ResNet state_dict, and the checkpoint's
+    `config`, `epoch` and `metrics` ({} for a bare state_dict; a packed file's `source`).
+    best_quantized.pt and packed files hold the quantized weights Q_c(x), so the model they
+    give is the quantized model."""
+    checkpoint = resnet.read_checkpoint(path)  # reports a missing or damaged file
+    if packing.is_packed(checkpoint):
+        model, info = packing.load_packed(path, device)
+        return model, {**info, **info['source']}
+    state = resnet.read_state_dict(path)  # reports a file that holds no state_dict
     info = {k: checkpoint[k] for k in ('config', 'epoch', 'metrics')
             if isinstance(checkpoint, dict) and k in checkpoint}
     arch = f"resnet{info['config']['resn']}" if 'config' in info else resnet.guess_arch(state)
     if arch is None:
-        raise resnet.CheckpointError(f"checkpoint {path!r} is not a CIFAR ResNet of this "
-                                     f"project (no layer1 blocks found).")
+        raise resnet.CheckpointError(f"checkpoint {path!r} is not a CIFAR model of this "
+                                     f"project (no architecture matches its keys).")
     model = resnet.build(arch)
     resnet.load_checkpoint(model, path, arch)
     return model.to(device).eval(), info
@@ -204,9 +209,10 @@ def default_run_name(cfg):
     return f"resnet{cfg['resn']}_{kind}_{opt}_{'l1' if cfg['l1'] else 'l2'}_{stamp}"
 
 
-def best_checkpoint(cfg, state, row, state_dict):
+def best_checkpoint(cfg, state, row, state_dict, quantized):
     return {'state_dict': state_dict, 'centers': state['centers'].cpu(), 'config': cfg,
-            'epoch': row['epoch'], 'metrics': row}
+            'epoch': row['epoch'], 'metrics': row, 'quantized': quantized,
+            'quantized_names': state['weights'].names}
 
 
 def save_bests(cfg, state, folder, row):
@@ -216,7 +222,7 @@ def save_bests(cfg, state, folder, row):
         state['best_test_acc'] = row['test_acc']
         model_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
         runtime.save_torch(os.path.join(folder, 'best_fp.pt'),
-                           best_checkpoint(cfg, state, row, model_state))
+                           best_checkpoint(cfg, state, row, model_state, quantized=False))
         if cfg['fp'] and cfg['save_pretrained']:
             os.makedirs(os.path.dirname(os.path.abspath(cfg['pretrained_path'])), exist_ok=True)
             runtime.save_torch(cfg['pretrained_path'], model_state)
@@ -226,7 +232,7 @@ def save_bests(cfg, state, folder, row):
         q_state.update({k: v.cpu() for k, v in
                         utils.quantized_state(state['weights'], state['centers']).items()})
         runtime.save_torch(os.path.join(folder, 'best_quantized.pt'),
-                           best_checkpoint(cfg, state, row, q_state))
+                           best_checkpoint(cfg, state, row, q_state, quantized=True))
 
 
 def save_last(cfg, state, folder, rows):
@@ -234,6 +240,7 @@ def save_last(cfg, state, folder, rows):
     its logs, so that what a run shows is never ahead of what --resume continues from."""
     runtime.save_torch(os.path.join(folder, 'last.pt'), {
         'config': cfg, 'epoch': len(rows), 'rows': rows, **training.saved_state(state),
+        'quantized_names': state['weights'].names,
         **runtime.rng_states(state['generator']),
         'best_test_acc': state['best_test_acc'], 'best_q_test_acc': state['best_q_test_acc'],
         # for inspection only: a resumed run recomputes it from the epoch

@@ -1,0 +1,128 @@
+"""Export the quantized model of a checkpoint as a packed file (packing.py): each quantized
+weight as its center's index at ceil(log2 n) bits, the rest in float32.
+
+    python export.py Results/<run>/best_quantized.pt      -> best_quantized.pt.packed
+    python export.py Results/<run>/last.pt                -> last.pt.packed (Q_c(x) of the run)
+    python export.py Results/<fed run>/best.pt            -> best.pt.client<i>.packed, per client
+
+The last line printed is one JSON object: path, bytes, float32_bytes, ratio and
+bits_per_quantized_weight (for a federated best.pt, those of every client under 'clients').
+Load a packed file with packing.load_packed(path), or evaluate it with
+    python main_centralized.py --evaluate=Results/<run>/best_quantized.pt.packed
+"""
+import json
+import os
+import sys
+
+import torch
+
+import packing
+import resnet
+import runtime
+import utils
+
+
+class ExportError(Exception):
+    """A checkpoint that holds no quantized model; the message says what to pass instead."""
+
+
+def center_indices(state, names, centers, on_centers):
+    """{name: index of each weight's center}. Weights stored already quantized (`on_centers`)
+    are matched to the center they equal (first index among equal centers); full-precision
+    weights get Q_c's assignment (by sign for n = 2, else the nearest center)."""
+    indices = {}
+    for row, name in enumerate(names):
+        weights = state[name].to(torch.float32)
+        if on_centers:
+            match = weights.unsqueeze(-1) == centers[row]
+            if not match.any(-1).all():
+                raise ExportError(f"the weights of {name} are not on its centers: this "
+                                  f"checkpoint's model is not the quantized one.")
+            indices[name] = match.to(torch.uint8).argmax(-1)
+        else:
+            flat = weights.flatten()
+            layer = torch.full_like(flat, row, dtype=torch.int64)
+            indices[name] = utils.assign(flat, layer, centers).view(weights.shape)
+    return indices
+
+
+def sizes(path, obj, state):
+    """The file's size against the same model in float32."""
+    size = os.path.getsize(path)
+    float32_bytes = 4 * sum(t.numel() for t in state.values())
+    weights, index_bytes, _ = packing.data_sizes(obj, packing.layout(obj['arch']))
+    return {'path': path, 'bytes': size, 'float32_bytes': float32_bytes,
+            'ratio': round(float32_bytes / size, 2),
+            'bits_per_quantized_weight': round(8 * index_bytes / weights, 4)}
+
+
+def write(path, arch, state, names, centers, on_centers, source):
+    obj = packing.pack(arch, state, center_indices(state, names, centers, on_centers), centers,
+                       source)
+    runtime.save_torch(path, obj)
+    return sizes(path, obj, state)
+
+
+def export_centralized(path, checkpoint):
+    """The checkpoint of a main_centralized.py run: best_quantized.pt, best_fp.pt or last.pt."""
+    cfg = checkpoint['config']
+    arch = f"resnet{cfg['resn']}"
+    state = checkpoint['state_dict'] if 'state_dict' in checkpoint else checkpoint['model']
+    names = checkpoint.get('quantized_names') or utils.resnet_rule(resnet.build(arch))
+    epoch = checkpoint['epoch']
+    metrics = checkpoint.get('metrics') or checkpoint['rows'][-1]
+    source = {'checkpoint': os.path.basename(path), 'epoch': epoch,
+              'q_test_acc': metrics['q_test_acc']}
+    return write(f'{path}.packed', arch, state, names, checkpoint['centers'].cpu(),
+                 checkpoint.get('quantized', False), source)
+
+
+def export_federated(path, checkpoint):
+    """Every quantized client of a main_federated.py best.pt."""
+    clients = [c for c in checkpoint['clients'] if c['centers'] is not None]
+    if not clients:
+        raise ExportError(f"{path} holds no quantized personalised model (a FedAvg run, or only "
+                          f"full-precision clients): there is nothing to pack.")
+    out = []
+    for c in clients:
+        source = {'checkpoint': os.path.basename(path), 'round': checkpoint['round'],
+                  'client': c['client'],
+                  'q_test_acc': checkpoint['metrics']['clients'][c['client']]['q_test_acc']}
+        out.append(write(f"{path}.client{c['client']}.packed", c['arch'], c['state_dict'],
+                         c['quantized_names'], c['centers'], True, source))
+    return out
+
+
+def export(path):
+    checkpoint = resnet.read_checkpoint(path)
+    if packing.is_packed(checkpoint):
+        raise ExportError(f"{path} is already a packed file.")
+    if isinstance(checkpoint, dict) and {'clients', 'global', 'round'} <= set(checkpoint):
+        return export_federated(path, checkpoint)
+    if isinstance(checkpoint, dict) and checkpoint.get('centers') is not None and (
+            'config' in checkpoint):
+        return export_centralized(path, checkpoint)
+    raise ExportError(f"{path} holds no centers: pass a checkpoint of a QuPeD run "
+                      f"(best_quantized.pt, last.pt, or a federated best.pt).")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python export.py CHECKPOINT", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        result = export(argv[0])
+    except (ExportError, resnet.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if isinstance(result, list):
+        for entry in result:
+            print(json.dumps(entry))
+        result = {'clients': result}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,13 +1,16 @@
-"""Time a plain training step against a full QuPeD iteration for ResNet-20.
+"""Time a plain training step against a full QuPeD iteration for ResNet-20, and against one
+federated client iteration.
 
     python bench/step_time.py [--device=cpu|cuda] [--reps=20] [--warmup=3] [--glibc-defaults]
 
 One process, one random batch of 128: the plain step is forward, backward and an Adam step; the
-QuPeD iteration is the same plus the prox and center steps (n = 2 and n = 4). Each figure is the
-median of `reps` timed repetitions after `warmup` untimed ones, the three variants interleaved so
-that drifts of the machine hit them alike. The process keeps freed memory as
-main_centralized.py does (runtime.keep_freed_memory); --glibc-defaults measures without that.
-The last line printed is one JSON object.
+QuPeD iteration is the same plus the prox and center steps (n = 2 and n = 4); the federated
+client iteration is main_federated.quped_client_step with ResNet-20 for both the personalised
+(1 bit) and the global model: its steps (a), (b) and (c). Each figure is the median of `reps`
+timed repetitions after `warmup` untimed ones, the variants interleaved so that drifts of the
+machine hit them alike. The process keeps freed memory as the scripts do on CPU
+(runtime.keep_freed_memory); --glibc-defaults measures without that. The last line printed is
+one JSON object.
 """
 import argparse
 import json
@@ -20,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import main_federated  # noqa: E402
 import resnet  # noqa: E402
 import runtime  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -39,6 +44,23 @@ def make_step(device, n_centroids):
         optimizer.step()
         if n_centroids:
             utils.quped_update(weights, centers, x, y, lr1=1e-2, lr2=1e-4, lam=1e-4, lam2=1e-4)
+    return step
+
+
+def make_client_step(device):
+    """A closure doing one federated client iteration, ResNet-20 personalised (1 bit) and
+    global, with main_federated.py's defaults."""
+    cfg = {**main_federated.DEFAULTS, 'client_archs': ('resnet20',), 'global_arch': 'resnet20',
+           'client_bits': (1,)}
+    torch.manual_seed(0)
+    state = main_federated.personal_state(cfg, 0, device)
+    global_copy = resnet.build('resnet20').to(device)
+    global_optimizer = main_federated.global_optimizer_for(cfg, global_copy)
+    sched = main_federated.round_schedule(cfg, 0)
+
+    def step(x, y):
+        main_federated.quped_client_step(cfg, state, global_copy, global_optimizer, x, y, sched,
+                                         training.ADAM_LR)
     return step
 
 
@@ -65,7 +87,8 @@ def main():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(128, 3, 32, 32, generator=generator).to(device)
     y = torch.randint(0, 10, (128,), generator=generator).to(device)
-    steps = {'fp': make_step(device, 0), 'n2': make_step(device, 2), 'n4': make_step(device, 4)}
+    steps = {'fp': make_step(device, 0), 'n2': make_step(device, 2), 'n4': make_step(device, 4),
+             'client': make_client_step(device)}
     times = {name: [] for name in steps}
     for rep in range(args.warmup + args.reps):
         for name, step in steps.items():
@@ -81,8 +104,10 @@ def main():
     print(json.dumps({'device': name, 'torch': torch.__version__, 'keep_freed_memory': kept,
                       'fp_ms': round(median['fp'], 2),
                       'quped_ms_n2': round(median['n2'], 2), 'quped_ms_n4': round(median['n4'], 2),
+                      'client_ms': round(median['client'], 2),
                       'ratio_n2': round(median['n2'] / median['fp'], 3),
-                      'ratio_n4': round(median['n4'] / median['fp'], 3)}))
+                      'ratio_n4': round(median['n4'] / median['fp'], 3),
+                      'ratio_client': round(median['client'] / median['fp'], 3)}))
 
 
 if __name__ == '__main__':

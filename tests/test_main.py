@@ -206,7 +206,9 @@ def test_two_epoch_run_writes_every_output(cifar_root, tmp_path, capsys):
     with open(os.path.join(folder, 'config.json')) as f:
         assert json.load(f)['EPOCHS'] == 2
     best_q = torch.load(os.path.join(folder, 'best_quantized.pt'), weights_only=True)
-    assert set(best_q) == {'state_dict', 'centers', 'config', 'epoch', 'metrics'}
+    assert set(best_q) == {'state_dict', 'centers', 'config', 'epoch', 'metrics', 'quantized',
+                           'quantized_names'}
+    assert best_q['quantized'] is True and len(best_q['quantized_names']) == 6
     assert best_q['config']['n_centroids'] == 2
 
 

@@ -109,16 +109,21 @@ def normalize(images):
 
 
 def augment(images, generator):
-    """Random crop 32 from the image zero-padded by 4, then a random horizontal flip, per image.
-
-    One gather for the whole batch: row r of crop b is padded row dy_b + r; column c is padded
-    column dx_b + c, or dx_b + 31 - c when the image is flipped.
-    """
-    b, _, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    """Random crop 32 from the image zero-padded by 4, then a random horizontal flip, per image
+    (the offsets and flips drawn from `generator` on the images' device)."""
+    b = images.shape[0]
     dy = torch.randint(0, 2 * PAD + 1, (b, 1), device=images.device, generator=generator)
     dx = torch.randint(0, 2 * PAD + 1, (b, 1), device=images.device, generator=generator)
     flip = torch.rand(b, 1, device=images.device, generator=generator) < 0.5
+    return crop_and_flip(images, dy, dx, flip)
+
+
+def crop_and_flip(images, dy, dx, flip):
+    """Crop b at rows dy_b.. and columns dx_b.. of the image zero-padded by 4, flipped where
+    flip_b; dy, dx, flip are [b, 1]. One gather for the whole batch: row r of crop b is padded
+    row dy_b + r; column c is padded column dx_b + c, or dx_b + 31 - c when flipped."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
     rows = dy + torch.arange(h, device=images.device)
     cols = torch.arange(w, device=images.device)
     cols = dx + torch.where(flip, w - 1 - cols, cols)

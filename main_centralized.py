@@ -47,6 +47,7 @@ results_dir = 'Results'      # each run writes to results_dir/run_name/
 run_name = ''                # '' = resnet20_n2_adam_l1_<date-time>
 pretrained_path = ''         # '' = pretrained/<the authors' file for resn>
 device = 'auto'              # 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1'
+tf32 = False                 # CUDA: TF32 convolutions and matmuls (not the authors' fp32)
 resume = ''                  # a run folder: continue that run from its last.pt
 evaluate = ''                # a checkpoint: report its test accuracy and exit
 # ---------------------------------------------------------------------------------------------
@@ -296,11 +297,12 @@ def train(cfg, overrides):
     checkpoint = None
     if cfg['resume']:
         cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE)
+        cfg = {**DEFAULTS, **cfg}  # a run saved before a hyperparameter existed has its default
     elif cfg['fp'] and cfg['save_pretrained'] and os.path.exists(cfg['pretrained_path']):
         raise ConfigError(f"save_pretrained would overwrite {cfg['pretrained_path']}: move "
                           f"that file or choose another --pretrained_path.")
     dev = runtime.select_device(cfg['device'])
-    runtime.prepare_device(dev)
+    runtime.prepare_device(dev, cfg['tf32'])
     print(f"device: {runtime.describe_device(dev)}")
     cifar = data.load_cifar10(cfg['data_root'], dev)
     check_trainable_batches(cfg['BATCH_SIZE'], cifar['train_y'].shape[0])

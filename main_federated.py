@@ -67,6 +67,7 @@ data_root = 'data'             # folder holding cifar-10-batches-py/ (downloaded
 results_dir = 'Results'        # each run writes to results_dir/run_name/
 run_name = ''                  # '' = fed_<algorithm>_<clients>c_<partition>_<date-time>
 device = 'auto'                # 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1'
+tf32 = False                   # CUDA: TF32 convolutions and matmuls (not the authors' fp32)
 resume = ''                    # a run folder: continue that run from its last.pt
 # ---------------------------------------------------------------------------------------------
 DEFAULTS = runtime.hyperparameters(globals())
@@ -534,8 +535,9 @@ def train(cfg, overrides):
     checkpoint = None
     if cfg['resume']:
         cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE)
+        cfg = {**DEFAULTS, **cfg}  # a run saved before a hyperparameter existed has its default
     dev = runtime.select_device(cfg['device'])
-    runtime.prepare_device(dev)
+    runtime.prepare_device(dev, cfg['tf32'])
     print(f"device: {runtime.describe_device(dev)}")
     cifar = data.load_cifar10(cfg['data_root'], dev)
     parts = make_partition(cfg, cifar)

@@ -142,14 +142,14 @@ def describe_device(device):
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def prepare_device(device):
-    """Process settings for a run on `device`: the allocator on CPU; float32 kernels everywhere
-    (TF32 off, as the authors ran) on CUDA."""
+def prepare_device(device, tf32=False):
+    """Process settings for a run on `device`: the allocator on CPU; on CUDA, float32 kernels
+    (TF32 off, as the authors ran) unless `tf32` asks for TF32 convolutions and matmuls."""
     if device.type == 'cpu':
         keep_freed_memory()
     else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def seed_everything(seed, device):

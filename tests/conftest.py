@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,3 +39,7 @@ def cifar_root(tmp_path):
 
 def needs(path):
     return pytest.mark.skipif(not Path(path).exists(), reason=f'{path} is absent')
+
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU on this machine')
+DEVICES = ['cpu', pytest.param('cuda', marks=NO_CUDA)]  # tests that matter on a GPU run on both

@@ -15,6 +15,7 @@ import main_federated as mf
 import resnet
 import runtime
 import utils
+from conftest import DEVICES
 
 TIMINGS = ('train_seconds', 'eval_seconds')
 
@@ -320,9 +321,12 @@ class Killed(BaseException):
     """Stands for a kill: not an Exception, so nothing in the run catches it."""
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('algorithm', ['quped', 'fedavg'])
-def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatch, algorithm):
-    args = ('--rounds=3', f'--algorithm={algorithm}', '--client_fraction=0.75', '--freeze_round=2')
+def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatch, algorithm,
+                                                device):
+    args = ('--rounds=3', f'--algorithm={algorithm}', '--client_fraction=0.75',
+            '--freeze_round=2', f'--device={device}')
     whole = mf.main(fed_args(cifar_root, tmp_path, *args, name='whole'))
     real_save_last = mf.save_last
 

@@ -1,0 +1,73 @@
+"""Time whole epochs of main_centralized.py's default protocol (ResNet-20, 1 bit, batch 128,
+warm start): training plus the three evaluations a run logs, on 50,000 training and 10,000 test
+images, through the script's own functions.
+
+    python bench/epoch_time.py --data=PATH [--tile] [--device=cuda] [--epochs=3]
+                               [--pretrained=PATH]
+
+--tile builds the 50,000 and 10,000 images by repeating a smaller set in the standard format
+(../shared/data/cifar10-mini, 5,170 and 1,017 images) where full CIFAR-10 cannot be had: a
+timing input only, never an accuracy. The first epoch is a warm-up; the figure is the median of
+the others. The last line printed is one JSON object.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import data  # noqa: E402
+import main_centralized  # noqa: E402
+import runtime  # noqa: E402
+import training  # noqa: E402
+
+TRAIN, TEST = 50_000, 10_000
+
+
+def tiled(images, labels, size):
+    reps = -(-size // labels.shape[0])
+    return images.repeat(reps, 1, 1, 1)[:size], labels.repeat(reps)[:size]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--data', required=True, help='folder holding cifar-10-batches-py/')
+    parser.add_argument('--tile', action='store_true', help='repeat a smaller set to full size')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--pretrained', default='', help="warm start (default: the script's)")
+    args = parser.parse_args()
+    cfg = {**main_centralized.DEFAULTS, 'device': args.device,
+           'data_root': args.data, 'pretrained_path': args.pretrained or
+           main_centralized.default_pretrained_path(main_centralized.DEFAULTS['resn'])}
+    device = runtime.select_device(cfg['device'])
+    runtime.prepare_device(device, cfg['tf32'])
+    cifar = data.load_cifar10(cfg['data_root'], device)
+    if args.tile:
+        cifar['train_x'], cifar['train_y'] = tiled(cifar['train_x'], cifar['train_y'], TRAIN)
+        cifar['test_x'], cifar['test_y'] = tiled(cifar['test_x'], cifar['test_y'], TEST)
+    state = main_centralized.initial_state(cfg, device)
+    seconds = []
+    for epoch in range(args.epochs):
+        training.synchronize(device)
+        start = time.perf_counter()
+        row = main_centralized.run_epoch(cfg, state, cifar, epoch)
+        training.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        print(f"epoch {epoch + 1}: {seconds[-1]:.2f} s ({row['train_seconds']:.2f} training, "
+              f"{row['eval_seconds']:.2f} evaluating)", flush=True)
+    epoch_s = statistics.median(seconds[1:] or seconds)
+    print(json.dumps({'device': runtime.describe_device(device), 'torch': torch.__version__,
+                      'train_images': cifar['train_y'].shape[0],
+                      'test_images': cifar['test_y'].shape[0],
+                      'input': 'cifar10-mini tiled (timing only)' if args.tile else args.data,
+                      'epoch_s': round(epoch_s, 3),
+                      'projected_250_epochs_min': round(epoch_s * 250 / 60, 2)}))
+
+
+if __name__ == '__main__':
+    main()

@@ -73,8 +73,12 @@ def export_centralized(path, checkpoint):
     metrics = checkpoint.get('metrics') or checkpoint['rows'][-1]
     source = {'checkpoint': os.path.basename(path), 'epoch': epoch,
               'q_test_acc': metrics['q_test_acc']}
-    return write(f'{path}.packed', arch, state, names, checkpoint['centers'].cpu(),
-                 checkpoint.get('quantized', False), source)
+    centers = checkpoint['centers'].cpu()
+    on_centers = checkpoint.get('quantized')
+    if on_centers is None:  # a checkpoint from before the flag: look at the weights
+        on_centers = all(bool((state[name].unsqueeze(-1) == centers[row]).any(-1).all())
+                         for row, name in enumerate(names))
+    return write(f'{path}.packed', arch, state, names, centers, on_centers, source)
 
 
 def export_federated(path, checkpoint):

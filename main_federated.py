@@ -429,9 +429,9 @@ def run_round(cfg, run, rnd):
                  'n_train': dataset['train_y'].shape[0], 'n_test': dataset['test_y'].shape[0],
                  'sampled': client in metrics, **metrics.get(client, {}),
                  **evaluate_client(cfg, clients[client], global_model, dataset)}
-        if not all(math.isfinite(v) for v in (entry.get('train_loss', 0.0),
-                                              entry.get('global_train_loss', 0.0))) or (
-                entry.get('centers') is not None and not math.isfinite(sum(map(sum, entry['centers'])))):
+        losses = (entry.get('train_loss', 0.0), entry.get('global_train_loss', 0.0),
+                  sum(map(sum, entry.get('centers') or [])))
+        if not all(math.isfinite(v) for v in losses):
             raise runtime.Diverged
         clients_metrics.append(entry)
     timings = {'train_seconds': mid - start, 'eval_seconds': time.perf_counter() - mid}
@@ -479,8 +479,8 @@ def save_best(cfg, run, folder, row):
 
 def save_last(cfg, run, folder, rows):
     """Everything a resumed run needs, written after best.pt and before the logs."""
-    clients = [training.saved_state(s) if 'model' in s else {'generator': s['generator'].get_state()}
-               for s in run['clients']]
+    clients = [training.saved_state(s) if 'model' in s else
+               {'generator': s['generator'].get_state()} for s in run['clients']]
     runtime.save_torch(os.path.join(folder, 'last.pt'), {
         'config': cfg, 'round': len(rows), 'rows': rows, 'clients': clients,
         'global': None if run['global_model'] is None else run['global_model'].state_dict(),

@@ -91,7 +91,8 @@ def data_sizes(obj, entries):
     weights = sum(math.prod(shape) for i, (_, shape, _) in enumerate(entries) if i in quantized)
     floats = sum(math.prod(shape) for i, (_, shape, floating) in enumerate(entries)
                  if floating and i not in quantized)
-    return weights, math.ceil(weights * obj['bits'] / 8), floats + len(quantized) * obj['n_centroids']
+    centers = len(quantized) * obj['n_centroids']
+    return weights, math.ceil(weights * obj['bits'] / 8), floats + centers
 
 
 def unpack(obj, path='<packed>'):

@@ -226,9 +226,9 @@ def table_row(folder):
         best = max(rows, key=lambda row: row['q_test_acc_mean'])
         settings = (f"{cfg['algorithm']}, {cfg['n_clients']} clients, {cfg['partition']}, "
                     f"bits {tuple(cfg['client_bits'])}, {len(rows)}/{cfg['rounds']} rounds")
+        best_fp = max(r['fp_test_acc_mean'] for r in rows)
         return (f"| {name} | {settings} | {best['q_test_acc_mean']:.4f} (round {best['round']}) "
-                f"| {rows[-1]['q_test_acc_mean']:.4f} | {max(r['fp_test_acc_mean'] for r in rows):.4f} "
-                f"| {packed_size(folder)} |")
+                f"| {rows[-1]['q_test_acc_mean']:.4f} | {best_fp:.4f} | {packed_size(folder)} |")
     best = max(rows, key=lambda row: row['q_test_acc'])
     settings = (f"resnet{cfg['resn']}, n={cfg['n_centroids']}, lambda_coef {cfg['lambda_coef']:g},"
                 f" center_reg_fix={cfg['center_reg_fix']}, {len(rows)}/{cfg['EPOCHS']} epochs")

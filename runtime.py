@@ -238,7 +238,8 @@ def write_rows(folder, rows, lists=None):
     """metrics.jsonl (one JSON object per row) and, for {filename: key} in `lists`, a JSON list
     of that key's values, each written atomically."""
     for filename, key in (lists or {}).items():
-        write_atomic(os.path.join(folder, filename), json.dumps([row[key] for row in rows]).encode())
+        values = json.dumps([row[key] for row in rows])
+        write_atomic(os.path.join(folder, filename), values.encode())
     write_atomic(os.path.join(folder, 'metrics.jsonl'),
                  ''.join(json.dumps(row) + '\n' for row in rows).encode())
 

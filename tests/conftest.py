@@ -43,3 +43,15 @@ def needs(path):
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU on this machine')
 DEVICES = ['cpu', pytest.param('cuda', marks=NO_CUDA)]  # tests that matter on a GPU run on both
+
+
+def exits_with_error(capsys, main, argv, *phrases):
+    """main(argv) ends with a one-paragraph error naming every phrase, exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith('error: ') and 'Traceback' not in message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message

@@ -15,7 +15,7 @@ import main_federated as mf
 import resnet
 import runtime
 import utils
-from conftest import DEVICES
+from conftest import DEVICES, exits_with_error
 
 TIMINGS = ('train_seconds', 'eval_seconds')
 
@@ -37,21 +37,14 @@ def without_timings(metrics):
 
 
 def fails_with(capsys, argv, *phrases):
-    with pytest.raises(SystemExit) as exit_info:
-        mf.main(argv)
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    assert message.startswith('error: ') and 'Traceback' not in message
-    for phrase in phrases:
-        assert phrase in message, message
-    return message
+    return exits_with_error(capsys, mf.main, argv, *phrases)
 
 
 # --- partitions --------------------------------------------------------------------------------
 
 def balanced_labels(per_class=60):
-    return torch.arange(10).repeat_interleave(per_class)[torch.randperm(10 * per_class,
-                                                          generator=torch.Generator().manual_seed(1))]
+    order = torch.randperm(10 * per_class, generator=torch.Generator().manual_seed(1))
+    return torch.arange(10).repeat_interleave(per_class)[order]
 
 
 def test_pathological_partition_by_hand():

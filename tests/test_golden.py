@@ -11,15 +11,15 @@ a form other than the released one is reported rather than replayed wrongly.
 Files whose steps include torch's own optimizer step (`meta['optimizer']`) are compared in two
 parts. The update itself (centers, the quantized layers, the first step's member counts) is
 asserted on every machine. What follows torch's first optimizer step (the later member counts,
-`state_out`, `centers_out`) is asserted too. Where it misses the tolerance, the test tells torch's share
-from ours: the file records the state after torch's first step (the full-precision layers of
-`quantized_state_in`). If torch's float32 kernels on this machine do not reproduce that step, they
-sum in another order than on the machine that made the file, and Adam turns those last-bit
-differences into visible ones within a few steps (measured: 1.5e-8 after the first step, 2.3e-5
-after three, on a 2-core AMD EPYC with torch 2.13 and 2.14 alike); the test then skips, with the
-figures. tests/test_equivalence.py checks such trajectories against a literal transcription of
-the authors' model and update on the machine at hand, bit for bit, so no part of the comparison
-is left unchecked there.
+`state_out`, `centers_out`) is asserted too. Where it misses the tolerance, the test tells
+torch's share from ours: the file records the state after torch's first step (the full-precision
+layers of `quantized_state_in`). If torch's float32 kernels on this machine do not reproduce that
+step, they sum in another order than on the machine that made the file, and Adam turns those
+last-bit differences into visible ones within a few steps (measured: 1.5e-8 after the first step,
+2.3e-5 after three, on a 2-core AMD EPYC with torch 2.13 and 2.14 alike); the test then skips,
+with the figures. tests/test_equivalence.py runs Adam trajectories of the same kind through a
+literal transcription of the authors' model and update on the machine at hand and requires them
+equal to ours bit for bit.
 """
 import os
 from pathlib import Path
@@ -90,7 +90,8 @@ def teacher_of(golden):
     return teacher.train(meta['teacher_train'])
 
 
-RELEASED_KL = 'KLDivLoss(reduction=batchmean)(log_softmax(student), softmax(teacher/temp)) * temp**2'
+RELEASED_KL = ('KLDivLoss(reduction=batchmean)(log_softmax(student), softmax(teacher/temp)) '
+               '* temp**2')
 
 
 def update_loss(meta, teacher, x):

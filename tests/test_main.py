@@ -19,7 +19,8 @@ import resnet
 import runtime
 import training
 import utils
-from conftest import DEVICES, MINI, NO_CUDA, PRETRAINED, ROOT, needs, write_batch
+from conftest import (DEVICES, MINI, NO_CUDA, PRETRAINED, ROOT, exits_with_error, needs,
+                      write_batch)
 
 TIMINGS = ('train_seconds', 'eval_seconds')
 
@@ -45,22 +46,15 @@ def digests(folder):
 
 
 def fails_with(capsys, argv, *phrases):
-    with pytest.raises(SystemExit) as exit_info:
-        mc.main(argv)
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
-    assert message.startswith('error: ') and 'Traceback' not in message
-    for phrase in phrases:
-        assert phrase in message, message
-    return message
+    return exits_with_error(capsys, mc.main, argv, *phrases)
 
 
 # --- overrides -------------------------------------------------------------------------------
 
 def test_overrides_are_checked_against_the_defaults_types():
-    got = runtime.parse_overrides(mc.DEFAULTS, ['--lambda_coef=8e-4', '--lr2=0', '--EPOCHS=30', '--adam=False',
-                              '--lr2_milestones=(10,17)', '--lr_milestones=[5]',
-                              '--run_name=123', '--device=cpu'])
+    got = runtime.parse_overrides(mc.DEFAULTS, [
+        '--lambda_coef=8e-4', '--lr2=0', '--EPOCHS=30', '--adam=False',
+        '--lr2_milestones=(10,17)', '--lr_milestones=[5]', '--run_name=123', '--device=cpu'])
     assert got == {'lambda_coef': 8e-4, 'lr2': 0.0, 'EPOCHS': 30, 'adam': False,
                    'lr2_milestones': (10, 17), 'lr_milestones': (5,), 'run_name': '123',
                    'device': 'cpu'}
@@ -304,7 +298,8 @@ def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, t
 
     kills = {  # name: (module, attribute, replacement, metrics.jsonl rows left by the kill)
         'after_last_pt': (mc, 'save_last', killed_after(mc.save_last, 1, rows_arg=3), 0),
-        'after_first_row': (runtime, 'write_rows', killed_after(runtime.write_rows, 1, rows_arg=1), 1),
+        'after_first_row': (runtime, 'write_rows',
+                            killed_after(runtime.write_rows, 1, rows_arg=1), 1),
         'mid_epoch': (utils, 'quped_update', killed_in_epoch_2, 1)}
     for name, (module, attribute, replacement, rows_left) in kills.items():
         with monkeypatch.context() as patch:

@@ -4,7 +4,6 @@ import torch
 
 import data
 import literal_reference
-import main_centralized as mc
 import resnet
 import runtime
 from conftest import MINI, PRETRAINED, needs

@@ -386,9 +386,12 @@ def round_row(cfg, rnd, sched, clients_metrics, timings):
     for key in ('q_test_acc', 'fp_test_acc', 'global_test_acc'):
         for stat, value in summary([c[key] for c in clients_metrics], weights).items():
             row[f'{key}_{stat}'] = value
-    return {**row, 'lambda': sched['lam'], 'lambda2': sched['lam2'], 'lr2': sched['lr2'],
-            'global_lr': cfg['global_lr'], 'frozen': sched['frozen'],
-            'sampled': [c['client'] for c in clients_metrics if c['sampled']], **timings}
+    return {**row, 'lambda': sched['lam'], 'lambda2': sched['lam2'],
+            'lr1': None if cfg['algorithm'] == 'fedavg' else training.ADAM_LR, 'lr2': sched['lr2'],
+            'global_lr': None if cfg['algorithm'] == 'local' else cfg['global_lr'],
+            'frozen': sched['frozen'],
+            'sampled': [c['client'] for c in clients_metrics if c['sampled']], **timings,
+            'wall_seconds': timings['train_seconds'] + timings['eval_seconds']}
 
 
 def round_line(row, rounds, left):

@@ -238,11 +238,20 @@ def table_row(folder):
 
 
 def print_table(folders):
+    """One row per run; other entries (Results/README.md, a run with no epoch yet) are named on
+    stderr and left out."""
+    rows = []
+    for folder in folders:
+        try:
+            rows.append(table_row(folder))
+        except RunError as e:
+            print(f"left out: {e}", file=sys.stderr)
+    if not rows:
+        raise RunError(f"none of {', '.join(folders)} holds a run with a completed epoch.")
     print('| run | settings | best quantized (mean personalised) test acc | last | best full '
           'precision | packed |')
     print('| --- | --- | --- | --- | --- | --- |')
-    for folder in folders:
-        print(table_row(folder))
+    print('\n'.join(rows))
 
 
 def main(argv=None):

@@ -182,9 +182,11 @@ def test_plots_of_real_runs(cifar_root, tmp_path, capsys):
     plot.main([central, federated, f'--out={tmp_path}/cmp.png'])
     assert png_size(tmp_path / 'cmp.png') == (1200, 800)
     capsys.readouterr()
-    plot.main(['--table', central, federated])
-    table = capsys.readouterr().out.splitlines()
+    plot.main(['--table', central, federated, str(tmp_path / 'cmp.png')])
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
     assert len(table) == 4 and table[0].startswith('| run |') and 'quped' in table[3]
+    assert 'left out' in captured.err and 'cmp.png' in captured.err
 
 
 def test_plot_explains_folders_without_a_run(tmp_path, capsys):

@@ -17,7 +17,7 @@ import runtime
 import utils
 from conftest import DEVICES, exits_with_error
 
-TIMINGS = ('train_seconds', 'eval_seconds')
+TIMINGS = ('train_seconds', 'eval_seconds', 'wall_seconds')
 
 
 def fed_args(cifar_root, tmp_path, *extra, name='fed'):

@@ -432,9 +432,9 @@ def run_round(cfg, run, rnd):
                  'n_train': dataset['train_y'].shape[0], 'n_test': dataset['test_y'].shape[0],
                  'sampled': client in metrics, **metrics.get(client, {}),
                  **evaluate_client(cfg, clients[client], global_model, dataset)}
-        losses = (entry.get('train_loss', 0.0), entry.get('global_train_loss', 0.0),
+        finite = (entry.get('train_loss', 0.0), entry.get('global_train_loss', 0.0),
                   sum(map(sum, entry.get('centers') or [])))
-        if not all(math.isfinite(v) for v in losses):
+        if not all(math.isfinite(v) for v in finite):
             raise runtime.Diverged
         clients_metrics.append(entry)
     timings = {'train_seconds': mid - start, 'eval_seconds': time.perf_counter() - mid}

@@ -3,7 +3,7 @@ personalised model by knowledge distillation (KD) from a global model trained wi
 one process (an in-process simulation of the clients and the server).
 
 Edit the hyperparameters below and run `python main_federated.py`, or override any of them:
-    python main_federated.py --n_clients=20 --client_bits=(1,2) --client_archs=(resnet8,)
+    python main_federated.py --n_clients=20 '--client_bits=(1,2)' '--client_archs=(resnet8,)'
 Each run writes its logs, partition and checkpoints to {results_dir}/{run_name}/ (README.md,
 "Federated"). `--resume=Results/<run>` continues a killed run.
 

@@ -78,7 +78,11 @@ def saved_state(state):
     return {'model': state['model'].state_dict(), 'optimizer': state['optimizer'].state_dict(),
             'scheduler': None if state['scheduler'] is None else state['scheduler'].state_dict(),
             'centers': state['centers'], 'generator': state['generator'].get_state(),
-            'frozen': state['weights'] is not None and not state['weights'].params[0].requires_grad}
+            'frozen': is_frozen(state)}
+
+
+def is_frozen(state):
+    return state['weights'] is not None and not state['weights'].params[0].requires_grad
 
 
 def freeze_quantized_layers(state):
@@ -88,12 +92,11 @@ def freeze_quantized_layers(state):
 
 
 def start_epoch(state, sched):
-    """At the freeze epoch, x <- Q_c(x) once; from then on the quantized layers are frozen."""
-    if state['weights'] is None:
-        return
-    if sched['freeze_now']:
+    """In the first epoch the schedule marks frozen, x <- Q_c(x) once and the quantized layers
+    freeze (the freeze epoch itself for a model trained every epoch; a federated client not
+    sampled in the freeze round gets it at the start of its next round)."""
+    if state['weights'] is not None and sched['frozen'] and not is_frozen(state):
         utils.hard_quantize_(state['weights'], state['centers'])
-    if sched['frozen']:
         freeze_quantized_layers(state)
 
 

@@ -5,9 +5,10 @@ the knowledge-distillation loss of its federated hooks.
 The quantized weights are gathered into one flat vector (`QuantizedWeights`), with a vector that
 says which layer each weight belongs to. Every step is then a few tensor operations over all
 layers and centers at once, with no host-device synchronisation. The quantized forward/backward
-of the center step runs on a twin of the model (a copy made once), into which the quantized
-weights and the current full-precision parameters are copied; so the full-precision model's
-parameters, gradients and running statistics are never touched.
+of the center step runs on a twin of the model (a copy made once), which shares the storage of
+the model's full-precision parameters and holds the quantized weights Q_c(x) in a flat vector of
+its own; the full-precision model's parameters, gradients and running statistics are never
+touched.
 
 This module imports no other module of this project.
 """

@@ -14,6 +14,7 @@ import main_centralized as mc
 import main_federated as mf
 import resnet
 import runtime
+import training
 import utils
 from conftest import DEVICES, exits_with_error
 
@@ -354,3 +355,20 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
 def test_bad_input(cifar_root, tmp_path, capsys, args, phrases):
     fails_with(capsys, fed_args(cifar_root, tmp_path, *args), *phrases)
     assert not (tmp_path / 'results').exists()
+
+
+def test_a_client_not_sampled_in_the_freeze_round_freezes_at_its_next_round():
+    torch.manual_seed(0)
+    model = resnet.build('resnet8')
+    optimizer, scheduler = training.build_optimizer(model, adam=True)
+    state = training.new_state(model, 2, optimizer, scheduler, torch.Generator(), True)
+    after_freeze = training.schedule(5, 1e-4, 1e-4, (), freeze_epoch=3)
+    assert after_freeze['frozen'] and not after_freeze['freeze_now']
+    weights = state['weights']
+    before = weights.flat()
+    training.start_epoch(state, after_freeze)
+    quantized = utils.quantize(before, weights.layer, state['centers'])[0]
+    assert torch.equal(weights.flat(), quantized) and training.is_frozen(state)
+    state['centers'] += 0.01  # a later round quantizes nothing again
+    training.start_epoch(state, training.schedule(6, 1e-4, 1e-4, (), freeze_epoch=3))
+    assert torch.equal(weights.flat(), quantized)

@@ -26,10 +26,11 @@ class ExportError(Exception):
     """A checkpoint that holds no quantized model; the message says what to pass instead."""
 
 
-def center_indices(state, names, centers, on_centers):
+def center_indices(state, names, centers, on_centers, l1=True):
     """{name: index of each weight's center}. Weights stored already quantized (`on_centers`)
     are matched to the center they equal (first index among equal centers); full-precision
-    weights get Q_c's assignment (by sign for n = 2, else the nearest center)."""
+    weights get Q_c's assignment (by sign for n = 2, else the nearest center, measured as the
+    run's `l1` measures it)."""
     indices = {}
     for row, name in enumerate(names):
         weights = state[name].to(torch.float32)
@@ -42,7 +43,7 @@ def center_indices(state, names, centers, on_centers):
         else:
             flat = weights.flatten()
             layer = torch.full_like(flat, row, dtype=torch.int64)
-            indices[name] = utils.assign(flat, layer, centers).view(weights.shape)
+            indices[name] = utils.assign(flat, layer, centers, l1).view(weights.shape)
     return indices
 
 
@@ -56,9 +57,9 @@ def sizes(path, obj, state):
             'bits_per_quantized_weight': round(8 * index_bytes / weights, 4)}
 
 
-def write(path, arch, state, names, centers, on_centers, source):
-    obj = packing.pack(arch, state, center_indices(state, names, centers, on_centers), centers,
-                       source)
+def write(path, arch, state, names, centers, on_centers, source, l1=True):
+    obj = packing.pack(arch, state, center_indices(state, names, centers, on_centers, l1),
+                       centers, source)
     runtime.save_torch(path, obj)
     return sizes(path, obj, state)
 
@@ -78,7 +79,8 @@ def export_centralized(path, checkpoint):
     if on_centers is None:  # a checkpoint from before the flag: look at the weights
         on_centers = all(bool((state[name].unsqueeze(-1) == centers[row]).any(-1).all())
                          for row, name in enumerate(names))
-    return write(f'{path}.packed', arch, state, names, centers, on_centers, source)
+    return write(f'{path}.packed', arch, state, names, centers, on_centers, source,
+                 cfg.get('l1', True))
 
 
 def export_federated(path, checkpoint):

@@ -231,7 +231,8 @@ def save_bests(cfg, state, folder, row):
         state['best_q_test_acc'] = row['q_test_acc']
         q_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
         q_state.update({k: v.cpu() for k, v in
-                        utils.quantized_state(state['weights'], state['centers']).items()})
+                        utils.quantized_state(state['weights'], state['centers'],
+                                              cfg['l1']).items()})
         runtime.save_torch(os.path.join(folder, 'best_quantized.pt'),
                            best_checkpoint(cfg, state, row, q_state, quantized=True))
 
@@ -270,7 +271,7 @@ def initial_state(cfg, dev):
     generator = runtime.device_generator(cfg['seed'], dev)
     try:
         state = training.new_state(model, cfg['n_centroids'], optimizer, scheduler, generator,
-                                   adam_centers=cfg['adam'])
+                                   adam_centers=cfg['adam'], l1=cfg['l1'])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return {**state, 'best_test_acc': 0.0, 'best_q_test_acc': 0.0}
@@ -288,7 +289,7 @@ def resumed_state(cfg, dev, checkpoint):
 def run_epoch(cfg, state, cifar, epoch):
     """Train and evaluate 0-based `epoch`; returns its metrics row."""
     return {'epoch': epoch + 1, **training.run_epoch(
-        state, cifar, schedule(cfg, epoch), cfg['BATCH_SIZE'], cfg['l1'], cfg['center_reg_fix'],
+        state, cifar, schedule(cfg, epoch), cfg['BATCH_SIZE'], cfg['center_reg_fix'],
         update=not cfg['fp'])}
 
 

@@ -194,7 +194,7 @@ def personal_state(cfg, client, dev):
     generator = runtime.device_generator(cfg['seed'] + client, dev)
     names = QUANTIZATION_RULES.get(arch, utils.resnet_rule)(model)
     return training.new_state(model, 2 ** bits if bits else 0, optimizer, scheduler, generator,
-                              adam_centers=True, names=names)
+                              adam_centers=True, names=names, l1=cfg['l1'])
 
 
 def initial_states(cfg, dev):
@@ -302,8 +302,8 @@ def local_client_update(cfg, state, dataset, sched):
     """Algorithm 1 alone on the client's data, `local_epochs` epochs (training.train_epoch, as
     main_centralized.py runs it)."""
     training.start_epoch(state, sched)
-    epochs = [training.train_epoch(state, dataset, cfg['BATCH_SIZE'], sched, cfg['l1'],
-                                   cfg['center_reg_fix']) for _ in range(cfg['local_epochs'])]
+    epochs = [training.train_epoch(state, dataset, cfg['BATCH_SIZE'], sched, cfg['center_reg_fix'])
+              for _ in range(cfg['local_epochs'])]
     members = epochs[-1][2]
     return {'train_loss': statistics.fmean(e[0] for e in epochs),
             'train_acc': statistics.fmean(e[1] for e in epochs), 'lr1': epochs[-1][3],
@@ -453,7 +453,8 @@ def quantized_model_state(state):
     saved = {k: v.detach().cpu().clone() for k, v in state['model'].state_dict().items()}
     if state['weights'] is not None:
         saved.update({k: v.cpu() for k, v in
-                      utils.quantized_state(state['weights'], state['centers']).items()})
+                      utils.quantized_state(state['weights'], state['centers'],
+                                            state['l1']).items()})
     return saved
 
 

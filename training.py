@@ -50,10 +50,12 @@ def build_optimizer(model, adam, weight_decay=0.0, lr_milestones=()):
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, list(lr_milestones))
 
 
-def new_state(model, n_centroids, optimizer, scheduler, generator, adam_centers, names=None):
-    """The training state of `model` (on its device); n_centroids 0 = full precision."""
+def new_state(model, n_centroids, optimizer, scheduler, generator, adam_centers, names=None,
+              l1=True):
+    """The training state of `model` (on its device); n_centroids 0 = full precision. `l1`
+    picks the L1 or L2 prox and center step, and how Q_c measures distance (utils.assign)."""
     state = {'model': model, 'optimizer': optimizer, 'scheduler': scheduler, 'weights': None,
-             'centers': None, 'generator': generator}
+             'centers': None, 'generator': generator, 'l1': l1}
     if n_centroids:
         state['weights'] = utils.QuantizedWeights(model, names)
         state['centers'] = utils.init_centers(state['weights'], n_centroids, adam=adam_centers)
@@ -96,11 +98,11 @@ def start_epoch(state, sched):
     freeze (the freeze epoch itself for a model trained every epoch; a federated client not
     sampled in the freeze round gets it at the start of its next round)."""
     if state['weights'] is not None and sched['frozen'] and not is_frozen(state):
-        utils.hard_quantize_(state['weights'], state['centers'])
+        utils.hard_quantize_(state['weights'], state['centers'], state['l1'])
         freeze_quantized_layers(state)
 
 
-def train_epoch(state, dataset, batch_size, sched, l1=True, center_reg_fix=False, update=True):
+def train_epoch(state, dataset, batch_size, sched, center_reg_fix=False, update=True):
     """One epoch over dataset's training images, QuPeD's update after every optimizer step
     (unless `update` is False or the model is full precision). Returns (mean loss, accuracy,
     the last batch's member counts, the weight learning rate)."""
@@ -121,7 +123,8 @@ def train_epoch(state, dataset, batch_size, sched, l1=True, center_reg_fix=False
         if update:
             members = utils.quped_update(
                 state['weights'], state['centers'], x, y, lr1=lr1, lr2=sched['lr2'],
-                lam=sched['lam'], lam2=sched['lam2'], l1=l1, center_reg_fix=center_reg_fix)
+                lam=sched['lam'], lam2=sched['lam2'], l1=state['l1'],
+                center_reg_fix=center_reg_fix)
         loss_sum += loss.detach() * y.shape[0]
         correct += (out.argmax(1) == y).sum()
         seen += y.shape[0]
@@ -137,7 +140,7 @@ def evaluate_state(state, dataset):
     if state['weights'] is None:
         q_params, q_test_acc = None, test_acc
     else:
-        q_params = utils.quantized_state(state['weights'], state['centers'])
+        q_params = utils.quantized_state(state['weights'], state['centers'], state['l1'])
         _, q_test_acc = runtime.evaluate(model, dataset['test_x'], dataset['test_y'], q_params)
     q_train_loss, _ = runtime.evaluate(model, dataset['train_x'], dataset['train_y'], q_params)
     return {'test_acc': test_acc, 'q_test_acc': q_test_acc, 'q_train_loss': q_train_loss}
@@ -148,13 +151,13 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def run_epoch(state, dataset, sched, batch_size, l1=True, center_reg_fix=False, update=True):
+def run_epoch(state, dataset, sched, batch_size, center_reg_fix=False, update=True):
     """Algorithm 1 for one epoch: train, evaluate; returns the epoch's metrics (without its
     number). Raises runtime.Diverged when the loss or the centers are no longer finite."""
     start_epoch(state, sched)
     device = dataset['train_y'].device
     start = time.perf_counter()
-    train_loss, train_acc, members, lr1 = train_epoch(state, dataset, batch_size, sched, l1,
+    train_loss, train_acc, members, lr1 = train_epoch(state, dataset, batch_size, sched,
                                                       center_reg_fix, update)
     synchronize(device)
     trained = time.perf_counter()

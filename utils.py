@@ -13,11 +13,14 @@ touched.
 This module imports no other module of this project.
 """
 import copy
+import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
 CENTER_GRAD_CLIP = 10.0  # the reference clips the *summed* center gradient (quirk 2)
+TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: torch.sum on the CPU splits larger tensors
 
 
 def resnet_rule(model):
@@ -57,6 +60,8 @@ class QuantizedWeights:
         self.params = [params[name] for name in self.names]
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
+        ends = list(itertools.accumulate(self.numels))
+        self.bounds = list(zip([0] + ends[:-1], ends))  # each layer's slice of the flat vector
         device = self.params[0].device
         self.layer = torch.repeat_interleave(torch.arange(len(self.names), device=device),
                                              torch.tensor(self.numels, device=device))
@@ -95,28 +100,61 @@ class QuantizedWeights:
             p.copy_(chunk.view_as(p))
 
 
-def init_centers(weights, n_centroids, adam=False):
+def reduction_chunks(numel, threads):
+    """The [start, end) pieces that torch.sum on the CPU adds separately and then in order, for
+    a contiguous tensor of `numel` elements summed with `threads` threads: one piece below
+    TORCH_GRAIN elements or on one thread, else min(threads, ceil(numel / TORCH_GRAIN)) pieces of
+    ceil(numel / pieces) elements (ATen's two-pass reduction). The reference sums every statistic
+    with torch.sum, so its last bits depend on its thread count; summing the same pieces
+    reproduces them on any thread count (tests/test_utils.py checks torch.sum against it)."""
+    if numel < TORCH_GRAIN or threads <= 1:
+        return [(0, numel)]
+    pieces = min(threads, math.ceil(numel / TORCH_GRAIN))
+    size = math.ceil(numel / pieces)
+    return [(start, min(start + size, numel)) for start in range(0, numel, size)]
+
+
+def default_threads(device):
+    """The thread count whose torch.sum order the statistics reproduce: this process's on the
+    CPU (as the reference would sum here); on CUDA the order is the GPU's own, so 1."""
+    return torch.get_num_threads() if torch.device(device).type == 'cpu' else 1
+
+
+def masked_sums(values, masks, threads):
+    """sum(values * mask) for each mask, summed as torch.sum sums a whole masked layer (the
+    reference's order): `values` [S, N], `masks` [K, N] bool; returns [S, K]."""
+    masked = torch.where(masks, values.unsqueeze(1), 0)
+    total = None
+    for start, end in reduction_chunks(values.shape[-1], threads):
+        part = masked[..., start:end].sum(-1)  # per-row sums equal torch.sum of each row
+        total = part if total is None else total + part
+    return total
+
+
+def init_centers(weights, n_centroids, adam=False, threads=None):
     """Initial centers, a sorted [n_layers, n_centroids] tensor on the weights' device.
 
     n == 2: [mean of the negative weights, mean of the non-negative weights] per layer;
     n > 2: linspace(min, max, n) per layer. With `adam` (the reference's choice when the weight
     optimizer is Adam) the first and last center of every row are then set to -1 and +1.
-    Runs once, so a loop over layers is fine here; the sums mirror the reference's so that its
-    centers are reproduced to the last bit.
+    Runs once, so a loop over layers is fine here; the means are summed in the reference's
+    order (`threads`: see center_step), so that its centers are reproduced to the last bit.
     """
     if n_centroids < 2:
         raise ValueError(f"n_centroids must be at least 2, got {n_centroids}.")
+    device = weights.params[0].device
+    threads = default_threads(device) if threads is None else threads
     rows = []
     for name, p in zip(weights.names, weights.params):
-        w = p.detach()
+        w = p.detach().reshape(1, -1)
         if n_centroids == 2:
-            neg, pos = w < 0, w >= 0
-            low = (torch.sum(w * neg) / torch.sum(neg)).item()
-            high = (torch.sum(w * pos) / torch.sum(pos)).item()
+            signs = torch.cat([w < 0, w >= 0])
+            sums = masked_sums(w, signs, threads)[0]
+            low, high = (sums / signs.sum(1)).tolist()
         else:
             low, high = torch.min(w).item(), torch.max(w).item()
         rows.append(torch.linspace(low, high, n_centroids))
-    centers = torch.stack(rows).to(weights.params[0].device)
+    centers = torch.stack(rows).to(device)
     if adam:
         centers[:, 0] = -1
         centers[:, -1] = 1
@@ -128,32 +166,34 @@ def init_centers(weights, n_centroids, adam=False):
     return centers
 
 
-def assign(x, layer, centers):
+def assign(x, layer, centers, l1=True):
     """Index of the center each weight is quantized to: by sign for n == 2 (x < 0 -> 0,
-    x >= 0 -> 1, even if both centers share a sign: quirk 3), else the nearest center (argmin of
-    |x - c_k|, the first index winning ties)."""
+    x >= 0 -> 1, even if both centers share a sign: quirk 3), else the nearest center, the first
+    index winning ties: argmin of |x - c_k| with L1, of (x - c_k)^2 with L2, as the reference
+    measures it (the same center but at float32 ties)."""
     if centers.shape[1] == 2:
         return (x >= 0).long()
-    return (x.unsqueeze(1) - centers[layer]).abs().argmin(dim=1)
+    diff = x.unsqueeze(1) - centers[layer]
+    return (diff.abs() if l1 else diff ** 2).argmin(dim=1)
 
 
-def quantize(x, layer, centers):
+def quantize(x, layer, centers, l1=True):
     """Q_c(x) for a flat weight vector and the center index of each weight."""
-    idx = assign(x, layer, centers)
+    idx = assign(x, layer, centers, l1)
     key = layer * centers.shape[1] + idx
     return centers.view(-1)[key], key
 
 
-def quantized_state(weights, centers):
+def quantized_state(weights, centers, l1=True):
     """{name: Q_c(weight)} for every quantized layer (new tensors)."""
-    q, _ = quantize(weights.flat(), weights.layer, centers)
+    q, _ = quantize(weights.flat(), weights.layer, centers, l1)
     return weights.unflatten(q)
 
 
 @torch.no_grad()
-def hard_quantize_(weights, centers):
+def hard_quantize_(weights, centers, l1=True):
     """x <- Q_c(x) in place (the reference does this once, at the freeze epoch)."""
-    weights.write(quantize(weights.flat(), weights.layer, centers)[0])
+    weights.write(quantize(weights.flat(), weights.layer, centers, l1)[0])
 
 
 @torch.no_grad()
@@ -175,7 +215,7 @@ def prox_step(weights, centers, lr1, lam, l1=True, lr2=1.0):
         q, _ = quantize(x, weights.layer, centers)
         x = torch.where(x > q + t, x - t, torch.where(x < q - t, x + t, q)).clamp_(-1, 1)
     else:
-        q, _ = quantize(x, weights.layer, centers)
+        q, _ = quantize(x, weights.layer, centers, l1=False)
         x = (x + 2 * lam * lr1 * q) / (1 + 2 * lam * lr1)
     weights.write(x)
 
@@ -193,7 +233,7 @@ def quantized_loss_grad(weights, q, x, y, loss_fn=F.cross_entropy):
 
 
 def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False,
-                loss_fn=F.cross_entropy):
+                loss_fn=F.cross_entropy, threads=None):
     """The center step, in place on `centers`; returns the member counts [n_layers, n] and the
     quantized model's logits on `x` (detached), which the federated algorithm reuses.
 
@@ -205,21 +245,24 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
       L2: c_k <- (c_k - lr2 g_k + 2 lam2 lr2 s_k) / (1 + 2 lam2 lr2 n_k)
     and each row is sorted. Membership is `q == c_k`, as in the reference: centers that coincide
     share their members.
+
+    The sums are taken as the reference takes them, torch.sum over each masked layer, in the
+    order of `threads` threads (default_threads: this process's on the CPU). That order matters:
+    the quantized network's gradient is so sensitive to the centers (a 1-ulp change of one
+    center moved a summed gradient by 1e-2 in a ResNet-20, README "Faithfulness") that a
+    last-bit difference in one step grows about 200-fold in each of the next.
     """
-    n_layers, n = centers.shape
     w = weights.flat()
-    q, key = quantize(w, weights.layer, centers)
+    q, _ = quantize(w, weights.layer, centers, l1)
     grad, logits = quantized_loss_grad(weights, q, x, y, loss_fn)
+    threads = default_threads(w.device) if threads is None else threads
     with torch.no_grad():
-        # Per (layer, center index) sums of the gradient, of 1, and of the regulariser's term:
-        # sign(x - q) for L1 (it sums to pos - neg), x for L2 (it sums to s). One 1-D
-        # index_add_ each: deterministic, also on CUDA.
-        reg_term = torch.sign(w - q) if l1 else w
-        per_index = torch.zeros(3, n_layers * n, device=w.device, dtype=w.dtype)
-        for row, values in zip(per_index, (grad, torch.ones_like(w), reg_term)):
-            row.index_add_(0, key, values)
-        same = (centers.unsqueeze(2) == centers.unsqueeze(1)).to(w.dtype)
-        g, members, reg_sum = (same @ per_index.view(3, n_layers, n, 1)).squeeze(-1)
+        # Per layer and center, over the members q == c_k: the sums of the gradient, of 1 and
+        # of the regulariser's term, sign(x - q) for L1 (it sums to pos - neg), x for L2 (s).
+        stats = torch.stack([grad, torch.ones_like(w), torch.sign(w - q) if l1 else w])
+        g, members, reg_sum = torch.stack(
+            [masked_sums(stats[:, start:end], q[start:end] == row.unsqueeze(1), threads)
+             for (start, end), row in zip(weights.bounds, centers)], dim=1)
         if l1:
             reg = lam2 * lr2 * reg_sum
             centers += -(lr2 * g.clamp(-CENTER_GRAD_CLIP, CENTER_GRAD_CLIP)
@@ -232,12 +275,12 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
 
 
 def quped_update(weights, centers, x, y, lr1, lr2, lam, lam2, l1=True, center_reg_fix=False,
-                 loss_fn=F.cross_entropy):
+                 loss_fn=F.cross_entropy, threads=None):
     """One QuPeD update after the weight optimizer's step: prox step, then center step on the
     same batch. Returns the center step's member counts."""
     prox_step(weights, centers, lr1, lam, l1=l1, lr2=lr2)
     members, _ = center_step(weights, centers, x, y, lr2, lam2, l1=l1,
-                             center_reg_fix=center_reg_fix, loss_fn=loss_fn)
+                             center_reg_fix=center_reg_fix, loss_fn=loss_fn, threads=threads)
     return members
 
 

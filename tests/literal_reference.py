@@ -81,11 +81,13 @@ def build(arch, pooling='window'):
     return ResNet(BLOCKS[arch], pooling)
 
 
-def quantize_layer(w, row):
-    """Q_c for one layer: by sign for two centers, else the first nearest center."""
+def quantize_layer(w, row, l1):
+    """Q_c for one layer: by sign for two centers, else the first nearest center, by |w - c|
+    with L1 and (w - c)^2 with L2."""
     if len(row) == 2:
         return (w < 0) * row[0] + (w >= 0) * row[1]
-    distances = torch.stack([abs(w - row[k]) for k in range(len(row))])
+    distances = torch.stack([abs(w - row[k]) if l1 else (w - row[k]) ** 2
+                             for k in range(len(row))])
     return row[torch.argmin(distances, 0)]
 
 
@@ -96,7 +98,7 @@ def update(model, names, centers, x, y, lr1, lr2, lam, lam2, l1):
     with torch.no_grad():
         for i, name in enumerate(names):
             p = params[name]
-            pc = quantize_layer(p, centers[i])
+            pc = quantize_layer(p, centers[i], l1)
             t = lam * lr1
             if l1:
                 if lr2 == 0:
@@ -113,7 +115,7 @@ def update(model, names, centers, x, y, lr1, lr2, lam, lam2, l1):
     qparams = dict(quantized.named_parameters())
     with torch.no_grad():
         for i, name in enumerate(names):
-            qparams[name].copy_(quantize_layer(params[name], centers[i]))
+            qparams[name].copy_(quantize_layer(params[name], centers[i], l1))
     quantized.zero_grad()
     F.cross_entropy(quantized(x), y).backward()
     grads, members, pos, neg, sums = (torch.zeros_like(centers) for _ in range(5))

@@ -90,6 +90,15 @@ def test_assignment_is_the_nearest_center_first_index_winning_ties(n):
         assert idx[i].item() == distances.index(min(distances))
 
 
+def test_l2_assignment_measures_squared_distances_as_the_reference():
+    """x = 2e-23 between centers 0 and 3e-23: |x - c| picks the second, but both squares
+    underflow to 0 in float32, so the reference's argmin of (x - c)^2 takes the first."""
+    centers = torch.tensor([[0.0, 3e-23, 0.5, 1.0]])
+    x, layer = torch.tensor([2e-23]), torch.zeros(1, dtype=torch.long)
+    assert utils.assign(x, layer, centers, l1=True).tolist() == [1]
+    assert utils.assign(x, layer, centers, l1=False).tolist() == [0]
+
+
 def test_assignment_for_two_centers_is_by_sign_even_when_both_are_positive():
     centers = torch.tensor([[0.2, 0.9]])
     x = torch.tensor([-0.3, 0.0, 0.1, 0.85, -1e-9])
@@ -227,9 +236,48 @@ def test_center_step_leaves_the_full_precision_model_untouched():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm buffers included
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
-    model.eval()
-    utils.center_step(weights, centers, x, y, lr2=1e-2, lam2=1e-3)
-    assert not model.training  # restored after the training-mode pass
+
+
+
+def test_center_step_runs_in_training_mode_whatever_the_models_mode():
+    """The quantized pass uses batch statistics (the reference's fresh model is in training
+    mode) even when the full-precision model is in eval mode."""
+    results = []
+    for mode in (True, False):
+        torch.manual_seed(0)
+        model = resnet.build('resnet8').train(mode)
+        weights = utils.QuantizedWeights(model)
+        centers = utils.init_centers(weights, 2)
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        quantized = resnet.build('resnet8').train()
+        quantized.load_state_dict({**model.state_dict(), **utils.quantized_state(weights,
+                                                                                 centers)})
+        _, logits = utils.center_step(weights, centers, x, y, lr2=1e-2, lam2=1e-3)
+        assert torch.equal(logits, quantized(x).detach())  # batch statistics
+        results.append((centers, logits))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize('threads', [1, 2, 3, 4])
+@pytest.mark.parametrize('numel', [100, 32767, 32768, 36864, 65537, 131072, 200000])
+def test_reduction_chunks_sum_as_torch_sum_does_at_that_thread_count(numel, threads):
+    """torch.sum of a masked layer at `threads` threads equals masked_sums told that count,
+    computed on one thread: the reference's order, whatever this process's thread count."""
+    generator = torch.Generator().manual_seed(numel + threads)
+    values = torch.randn(2, numel, generator=generator)
+    masks = torch.rand(3, numel, generator=generator) < 0.4
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        want = torch.stack([torch.stack([torch.sum(v * m) for m in masks]) for v in values])
+        torch.set_num_threads(1)
+        got = utils.masked_sums(values, masks, threads)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+    one_thread = utils.masked_sums(values, masks, 1)
+    if threads > 1 and numel > utils.TORCH_GRAIN:  # the order does change the last bits
+        assert not torch.equal(one_thread, want)
 
 
 @pytest.mark.parametrize('n', [2, 3, 5])

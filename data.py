@@ -7,6 +7,8 @@ augmentation is the reference's (random crop 32 with zero padding 4, horizontal 
 whole batches with index arithmetic, with no per-image PIL work and no worker processes.
 """
 import functools
+import itertools
+import math
 import os
 import pickle
 
@@ -166,19 +168,22 @@ def class_pools(labels, generator):
             for idx in (torch.nonzero(labels == k).flatten() for k in range(NUM_CLASSES))]
 
 
-def pathological_partition(labels, n_clients, classes_per_client, seed):
-    """Training indices per client (sorted): client i holds `classes_per_client` classes, taken
-    in turn from a seeded order of the ten classes (client i gets classes (i c + j) mod 10 of
-    that order), and each class's images are split evenly among the clients that hold it."""
+def pathological_partition(labels, n_clients, classes_per_client, seed, group_size=1):
+    """Training indices per client (sorted). Clients come in groups of `group_size` consecutive
+    clients that share one set of `classes_per_client` classes (a group holds one client per
+    kind of model, so that kinds are compared on the same tasks); the groups' sets are drawn
+    with the seed (draw_class_sets). Each class's images are split evenly among the clients
+    that hold it."""
     if not 1 <= classes_per_client <= NUM_CLASSES:
         raise PartitionError(f"classes_per_client={classes_per_client}: a client holds 1 to "
                              f"{NUM_CLASSES} of CIFAR-10's classes.")
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(NUM_CLASSES, generator=generator).tolist()
+    n_groups = math.ceil(n_clients / group_size)
+    sets = draw_class_sets(n_groups, classes_per_client, generator)
     holders = [[] for _ in range(NUM_CLASSES)]
     for client in range(n_clients):
-        for j in range(classes_per_client):
-            holders[order[(client * classes_per_client + j) % NUM_CLASSES]].append(client)
+        for k in sets[client // group_size]:
+            holders[k].append(client)
     parts = [[] for _ in range(n_clients)]
     for k, pool in enumerate(class_pools(labels.cpu(), generator)):
         if not holders[k]:
@@ -192,6 +197,25 @@ def pathological_partition(labels, n_clients, classes_per_client, seed):
             parts[client].append(chunk)
     return [torch.sort(torch.cat(p)).values if p else torch.zeros(0, dtype=torch.long)
             for p in parts]
+
+
+def draw_class_sets(n_groups, classes_per_set, generator):
+    """`n_groups` sets of classes, each the first set, in the order of a seeded shuffle, among
+    those of the least-held classes that no earlier group has (any set once all are taken): the
+    classes stay as evenly held as the counts allow and no two groups share a set while there
+    are sets to spare."""
+    held, taken, sets = [0] * NUM_CLASSES, set(), []
+    for _ in range(n_groups):
+        shuffled = torch.randperm(NUM_CLASSES, generator=generator).tolist()
+        ranked = sorted(shuffled, key=lambda k: held[k])  # stable: ties stay shuffled
+        candidates = (tuple(sorted(c)) for c in itertools.combinations(ranked, classes_per_set))
+        first = tuple(sorted(ranked[:classes_per_set]))
+        chosen = next((c for c in candidates if c not in taken), first)
+        taken.add(chosen)
+        sets.append(chosen)
+        for k in chosen:
+            held[k] += 1
+    return sets
 
 
 def dirichlet_partition(labels, n_clients, alpha, seed):
@@ -253,12 +277,45 @@ def test_partition(test_labels, train_counts, seed):
     return [torch.sort(torch.cat(p)).values for p in parts]
 
 
-def client_datasets(dataset, train_parts, test_parts):
-    """Each client's images and labels, gathered once onto the dataset's device."""
+def validation_split(labels, parts, fraction, seed):
+    """(training, validation) indices per part (sorted, disjoint): of each class in a part,
+    round(fraction x its images) drawn with the seed go to validation, the rest to training."""
+    generator = torch.Generator().manual_seed(seed + 2)
+    labels = labels.cpu()
+    train, val = [], []
+    for part in parts:
+        part = part[torch.randperm(part.numel(), generator=generator)]
+        held_out = []
+        for k in range(NUM_CLASSES):
+            of_class = part[labels[part] == k]
+            held_out.append(of_class[:math.floor(fraction * of_class.numel() + 0.5)])
+        held_out = torch.cat(held_out)
+        kept = part[~torch.isin(part, held_out)]
+        train.append(torch.sort(kept).values)
+        val.append(torch.sort(held_out).values)
+    return train, val
+
+
+def subset(dataset, train, val=None, test=None):
+    """The images and labels of `dataset` at the given training, validation (taken from the
+    training images) and test indices, gathered once onto the dataset's device."""
     device = dataset['train_y'].device
-    clients = []
-    for train, test in zip(train_parts, test_parts):
-        train, test = train.to(device), test.to(device)
-        clients.append({'train_x': dataset['train_x'][train], 'train_y': dataset['train_y'][train],
-                        'test_x': dataset['test_x'][test], 'test_y': dataset['test_y'][test]})
-    return clients
+    val = torch.zeros(0, dtype=torch.long) if val is None else val
+    out = {}
+    for name, source, idx in (('train', 'train', train), ('val', 'train', val),
+                              ('test', 'test', test)):
+        idx = torch.arange(dataset[f'{source}_y'].shape[0]) if idx is None else idx
+        idx = idx.to(device)
+        out[f'{name}_x'] = dataset[f'{source}_x'][idx]
+        out[f'{name}_y'] = dataset[f'{source}_y'][idx]
+    return out
+
+
+def with_validation(dataset, fraction, seed):
+    """The whole set with `fraction` of its training images held out for validation
+    (stratified, seeded); with fraction 0 the validation set is empty."""
+    if fraction == 0:
+        return {**dataset, 'val_x': dataset['train_x'][:0], 'val_y': dataset['train_y'][:0]}
+    everything = [torch.arange(dataset['train_y'].shape[0])]
+    train, val = validation_split(dataset['train_y'], everything, fraction, seed)
+    return subset(dataset, train[0], val[0], None)

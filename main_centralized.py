@@ -39,6 +39,8 @@ freeze_epoch = 200           # hard-quantize and freeze the quantized layers at 
 EPOCHS = 250                 # training epochs of a QuPeD run
 fp_epochs = 200              # training epochs of an fp=True run
 BATCH_SIZE = 128             # training batch size
+val_fraction = 0.0           # share of the training images held out for validation (stratified);
+                             # > 0: best checkpoints chosen on it (0: on test, as the authors)
 center_reg_fix = False       # True: descent sign for the L1 center regulariser (quirk 1 fixed)
 save_pretrained = False      # fp=True: also save the best model at pretrained_path, for warm starts
 seed = 1234                  # seeds the model's initialisation, shuffling and augmentation
@@ -89,6 +91,9 @@ def check_config(cfg):
     for name in ('lr2_milestones', 'lr_milestones'):
         if list(cfg[name]) != sorted(set(cfg[name])) or any(m < 1 for m in cfg[name]):
             problems.append(f"{name}={cfg[name]}: must be increasing positive epochs")
+    if not 0 <= cfg['val_fraction'] < 1:
+        problems.append(f"val_fraction={cfg['val_fraction']}: the share held out for validation "
+                        f"must be in [0, 1)")
     if cfg['freeze_epoch'] < 1:
         problems.append(f"freeze_epoch={cfg['freeze_epoch']}: must be at least 1 (beyond "
                         f"EPOCHS means never)")
@@ -216,19 +221,26 @@ def best_checkpoint(cfg, state, row, state_dict, quantized):
             'quantized_names': state['weights'].names}
 
 
+def selection_split(cfg):
+    """'val' when validation images are held out, else 'test' (the reference's choice)."""
+    return 'val' if cfg['val_fraction'] > 0 else 'test'
+
+
 def save_bests(cfg, state, folder, row):
-    """best_fp.pt and best_quantized.pt when their test accuracy improves (strictly, as in the
-    reference); with fp=True and save_pretrained, the best model's bare state_dict too."""
-    if row['test_acc'] > state['best_test_acc']:
-        state['best_test_acc'] = row['test_acc']
+    """best_fp.pt and best_quantized.pt when their validation accuracy (test accuracy with
+    val_fraction 0, as in the reference) improves, strictly; with fp=True and save_pretrained,
+    the best model's bare state_dict too."""
+    split = selection_split(cfg)
+    if row[f'{split}_acc'] > state['best_acc']:
+        state['best_acc'] = row[f'{split}_acc']
         model_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
         runtime.save_torch(os.path.join(folder, 'best_fp.pt'),
                            best_checkpoint(cfg, state, row, model_state, quantized=False))
         if cfg['fp'] and cfg['save_pretrained']:
             os.makedirs(os.path.dirname(os.path.abspath(cfg['pretrained_path'])), exist_ok=True)
             runtime.save_torch(cfg['pretrained_path'], model_state)
-    if row['q_test_acc'] > state['best_q_test_acc']:
-        state['best_q_test_acc'] = row['q_test_acc']
+    if row[f'q_{split}_acc'] > state['best_q_acc']:
+        state['best_q_acc'] = row[f'q_{split}_acc']
         q_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
         q_state.update({k: v.cpu() for k, v in
                         utils.quantized_state(state['weights'], state['centers'],
@@ -244,7 +256,7 @@ def save_last(cfg, state, folder, rows):
         'config': cfg, 'epoch': len(rows), 'rows': rows, **training.saved_state(state),
         'quantized_names': state['weights'].names,
         **runtime.rng_states(state['generator']),
-        'best_test_acc': state['best_test_acc'], 'best_q_test_acc': state['best_q_test_acc'],
+        'best_acc': state['best_acc'], 'best_q_acc': state['best_q_acc'],
         # for inspection only: a resumed run recomputes it from the epoch
         'schedule': schedule(cfg, len(rows)) if len(rows) < total_epochs(cfg) else None})
 
@@ -274,15 +286,15 @@ def initial_state(cfg, dev):
                                    adam_centers=cfg['adam'], l1=cfg['l1'])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return {**state, 'best_test_acc': 0.0, 'best_q_test_acc': 0.0}
+    return {**state, 'best_acc': 0.0, 'best_q_acc': 0.0}
 
 
 def resumed_state(cfg, dev, checkpoint):
     state = initial_state({**cfg, 'cold_start': True}, dev)
     training.load_state(state, checkpoint)
     runtime.restore_rng_states(checkpoint, state['generator'])
-    state['best_test_acc'] = checkpoint['best_test_acc']
-    state['best_q_test_acc'] = checkpoint['best_q_test_acc']
+    state['best_acc'] = checkpoint['best_acc']
+    state['best_q_acc'] = checkpoint['best_q_acc']
     return state
 
 
@@ -305,10 +317,13 @@ def train(cfg, overrides):
     dev = runtime.select_device(cfg['device'])
     runtime.prepare_device(dev, cfg['tf32'])
     print(f"device: {runtime.describe_device(dev)}")
-    cifar = data.load_cifar10(cfg['data_root'], dev)
+    cifar = data.with_validation(data.load_cifar10(cfg['data_root'], dev), cfg['val_fraction'],
+                                 cfg['seed'])
     check_trainable_batches(cfg['BATCH_SIZE'], cifar['train_y'].shape[0])
-    print(f"data: {cifar['train_y'].shape[0]} training and {cifar['test_y'].shape[0]} test "
-          f"images from {data.batches_folder(cfg['data_root'])}")
+    held_out = (f" ({cifar['val_y'].shape[0]} more held out for validation)"
+                if cfg['val_fraction'] else '')
+    print(f"data: {cifar['train_y'].shape[0]} training{held_out} and {cifar['test_y'].shape[0]} "
+          f"test images from {data.batches_folder(cfg['data_root'])}")
     if checkpoint is None:
         state = initial_state(cfg, dev)
         folder = cfg['resume'] or runtime.new_run_folder(
@@ -330,8 +345,9 @@ def train(cfg, overrides):
     runtime.train_loop(folder, rows, total_epochs(cfg),
                        lambda epoch: run_epoch(cfg, state, cifar, epoch), save, epoch_line,
                        'epoch', SCRIPT, LOGS)
-    print(f"done: best test accuracy {state['best_test_acc']:.4f} (full precision), "
-          f"{state['best_q_test_acc']:.4f} (quantized); outputs in {folder}")
+    split = {'val': 'validation', 'test': 'test'}[selection_split(cfg)]
+    print(f"done: best {split} accuracy {state['best_acc']:.4f} (full precision), "
+          f"{state['best_q_acc']:.4f} (quantized); outputs in {folder}")
     return folder
 
 

@@ -134,16 +134,23 @@ def train_epoch(state, dataset, batch_size, sched, center_reg_fix=False, update=
 def evaluate_state(state, dataset):
     """The reference's evaluations: full-precision test accuracy, and the quantized model's
     test accuracy and loss on the un-augmented training images (with the full-precision model's
-    BatchNorm statistics, quirk 5); a full-precision model stands for its own quantized one."""
+    BatchNorm statistics, quirk 5); a full-precision model stands for its own quantized one.
+    With validation images, both accuracies on them too (`val_acc`, `q_val_acc`)."""
     model = state['model']
-    _, test_acc = runtime.evaluate(model, dataset['test_x'], dataset['test_y'])
-    if state['weights'] is None:
-        q_params, q_test_acc = None, test_acc
-    else:
+    q_params = None
+    if state['weights'] is not None:
         q_params = utils.quantized_state(state['weights'], state['centers'], state['l1'])
-        _, q_test_acc = runtime.evaluate(model, dataset['test_x'], dataset['test_y'], q_params)
-    q_train_loss, _ = runtime.evaluate(model, dataset['train_x'], dataset['train_y'], q_params)
-    return {'test_acc': test_acc, 'q_test_acc': q_test_acc, 'q_train_loss': q_train_loss}
+    out = {}
+    for split in ('test', 'val'):
+        if dataset.get(f'{split}_y') is None or dataset[f'{split}_y'].numel() == 0:
+            continue
+        images, labels = dataset[f'{split}_x'], dataset[f'{split}_y']
+        _, out[f'{split}_acc'] = runtime.evaluate(model, images, labels)
+        out[f'q_{split}_acc'] = (out[f'{split}_acc'] if q_params is None else
+                                 runtime.evaluate(model, images, labels, q_params)[1])
+    out['q_train_loss'], _ = runtime.evaluate(model, dataset['train_x'], dataset['train_y'],
+                                              q_params)
+    return out
 
 
 def synchronize(device):

@@ -233,7 +233,7 @@ def quantized_loss_grad(weights, q, x, y, loss_fn=F.cross_entropy):
 
 
 def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False,
-                loss_fn=F.cross_entropy, threads=None):
+                loss_fn=F.cross_entropy, threads=None, pull=None):
     """The center step, in place on `centers`; returns the member counts [n_layers, n] and the
     quantized model's logits on `x` (detached), which the federated algorithm reuses.
 
@@ -244,7 +244,8 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
           sign; `center_reg_fix` uses the descent direction, + lam2 lr2 (pos_k - neg_k))
       L2: c_k <- (c_k - lr2 g_k + 2 lam2 lr2 s_k) / (1 + 2 lam2 lr2 n_k)
     and each row is sorted. Membership is `q == c_k`, as in the reference: centers that coincide
-    share their members.
+    share their members. `pull` = (lambda_p, target), a flat vector like the weights, adds
+    lambda_p (q - target) to d loss / d q, as the released code's QuPeL branch does.
 
     The sums are taken as the reference takes them, torch.sum over each masked layer, in the
     order of `threads` threads (default_threads: this process's on the CPU). That order matters:
@@ -255,6 +256,9 @@ def center_step(weights, centers, x, y, lr2, lam2, l1=True, center_reg_fix=False
     w = weights.flat()
     q, _ = quantize(w, weights.layer, centers, l1)
     grad, logits = quantized_loss_grad(weights, q, x, y, loss_fn)
+    if pull is not None:
+        lambda_p, target = pull
+        grad = grad + lambda_p * (q - target)
     threads = default_threads(w.device) if threads is None else threads
     with torch.no_grad():
         # Per layer and center, over the members q == c_k: the sums of the gradient, of 1 and

@@ -1,6 +1,8 @@
-"""main_federated.py and the partitions in data.py: partitions, KD loss and averaging by hand,
-client isolation, the three passes of a client iteration, equivalence of 'local' with
-main_centralized.py, outputs, resume and bad input."""
+"""federated.py, main_federated.py and the partitions in data.py: partitions and the validation
+split, KD loss and averaging by hand, client isolation, the numbers of a client iteration, QuPeL
+against a hand-written Ditto step, equivalence of 'local' with main_centralized.py, FedAvg-FT
+against FedAvg, outputs, resume and bad input."""
+import copy
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 import data
 import main_centralized as mc
+import federated
 import main_federated as mf
 import resnet
 import runtime
@@ -121,6 +124,38 @@ def test_test_partition_follows_training_proportions_by_hand():
     assert torch.cat(parts).unique().numel() == 33
 
 
+def test_groups_share_a_class_set_one_client_per_bit_width_and_no_client_is_a_copy():
+    """20 clients, 3 classes, bits (1, 2): the 1-bit and 2-bit clients hold the same class
+    sets, and no two clients hold the same class set with the same bits."""
+    cfg = {**mf.DEFAULTS, 'n_clients': 20, 'classes_per_client': 3, 'client_bits': (1, 2),
+           'client_archs': ('cifarnet2',)}
+    labels = balanced_labels()
+    parts = data.pathological_partition(labels, 20, 3, seed=5,
+                                        group_size=len(federated.client_kinds(cfg)))
+    sets = [tuple((c > 0).nonzero().flatten().tolist()) for c in data.class_counts(labels, parts)]
+    bits = [federated.client_plan(cfg, client)[1] for client in range(20)]
+    assert sorted(s for s, b in zip(sets, bits) if b == 1) == sorted(
+        s for s, b in zip(sets, bits) if b == 2)
+    assert len(set(zip(sets, bits))) == 20 and len(set(sets)) == 10
+    assert all(len(s) == 3 for s in sets)
+
+
+def test_validation_split_is_disjoint_stratified_and_seeded():
+    labels = balanced_labels(100)
+    parts = data.pathological_partition(labels, 5, 4, seed=0)
+    train, val = data.validation_split(labels, parts, 0.15, seed=3)
+    for share, tr, va in zip(parts, train, val):
+        assert torch.equal(torch.sort(torch.cat([tr, va])).values, share)  # disjoint, complete
+        share_counts = torch.bincount(labels[share], minlength=10)
+        val_counts = torch.bincount(labels[va], minlength=10)
+        expected = torch.floor(0.15 * share_counts + 0.5).long()
+        assert torch.equal(val_counts, expected)  # per class: round(15 % of its images)
+    again = data.validation_split(labels, parts, 0.15, seed=3)[1]
+    other = data.validation_split(labels, parts, 0.15, seed=4)[1]
+    assert all(torch.equal(a, b) for a, b in zip(val, again))
+    assert any(not torch.equal(a, b) for a, b in zip(val, other))
+
+
 # --- the algorithm's parts by hand ---------------------------------------------------------------
 
 def test_kd_loss_by_hand():
@@ -147,9 +182,11 @@ def test_kd_loss_by_hand():
 def test_weighted_averaging_by_hand():
     a = {'w': torch.tensor([1.0, 2.0]), 'count': torch.tensor(4)}
     b = {'w': torch.tensor([5.0, -2.0]), 'count': torch.tensor(9)}
-    out = mf.aggregate([a, b], [1, 3])
+    out = federated.aggregate([a, b], [1, 3])
     assert out['w'].tolist() == [0.25 * 1 + 0.75 * 5, 0.25 * 2 - 0.75 * 2]
     assert out['count'].item() == (4 + 27) // 4
+    uniform = federated.aggregate([a, b], [1, 1])
+    assert uniform['w'].tolist() == [3.0, 0.0] and uniform['count'].item() == 6
 
 
 def test_cnn_clients_quantize_what_the_released_rule_quantizes():
@@ -163,15 +200,26 @@ def test_cnn_clients_quantize_what_the_released_rule_quantizes():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_client_kinds_are_every_architecture_with_every_bit_width():
+    cfg = {**mf.DEFAULTS, 'client_archs': ('resnet8', 'cifarnet'), 'client_bits': (1, 0, 2)}
+    plans = [federated.client_plan(cfg, client) for client in range(8)]
+    assert plans == [('resnet8', 1), ('resnet8', 0), ('resnet8', 2), ('cifarnet', 1),
+                     ('cifarnet', 0), ('cifarnet', 2), ('resnet8', 1), ('resnet8', 0)]
+    cfg['lambda_coef'] = (1e-5, 1e-6)
+    assert federated.round_schedule(cfg, 2, 'cifarnet')['lam'] == pytest.approx(3e-6)
+    assert federated.round_schedule(cfg, 2, 'resnet8')['lam'] == pytest.approx(3e-5)
+
+
 # --- a client's round --------------------------------------------------------------------------
 
 def small_run(cifar_root, tmp_path, *extra):
-    cfg, _ = mf.make_config(fed_args(cifar_root, tmp_path, *extra))
+    cfg, _ = federated.make_config(mf.DEFAULTS, fed_args(cifar_root, tmp_path, *extra))
     dev = torch.device('cpu')
     cifar = data.load_cifar10(cifar_root, dev)
-    parts = mf.make_partition(cfg, cifar)
-    clients, global_model = mf.initial_states(cfg, dev)
-    return cfg, clients, global_model, mf.client_data(cifar, parts)
+    parts = federated.make_partition(cfg, cifar)
+    clients = [federated.new_client_state(cfg, client, dev) for client in range(4)]
+    return (cfg, clients, federated.new_global_model(cfg, dev),
+            [federated.client_dataset(cifar, part) for part in parts])
 
 
 def snapshot(state):
@@ -186,8 +234,8 @@ def test_a_client_round_leaves_every_other_client_and_the_global_model_untouched
     before = [snapshot(s) for s in clients]
     global_before = {k: v.clone() for k, v in global_model.state_dict().items()}
     copy = resnet.build('resnet8')
-    new_state, count, metrics = mf.client_round(cfg, clients[1], global_before, copy,
-                                                datasets[1], mf.round_schedule(cfg, 0))
+    new_state, weight, metrics = federated.client_round(cfg, 1, clients[1], global_before, copy,
+                                                        datasets[1], 0)
     after = [snapshot(s) for s in clients]
     for i in (0, 2, 3):
         assert all(torch.equal(before[i][0][k], after[i][0][k]) for k in before[i][0])
@@ -195,7 +243,7 @@ def test_a_client_round_leaves_every_other_client_and_the_global_model_untouched
         assert before[i][1] is None or torch.equal(before[i][1], after[i][1])
     assert any(not torch.equal(before[1][0][k], after[1][0][k]) for k in before[1][0])
     assert all(torch.equal(v, global_model.state_dict()[k]) for k, v in global_before.items())
-    assert count == datasets[1]['train_y'].shape[0] and math.isfinite(metrics['train_loss'])
+    assert weight == datasets[1]['train_y'].shape[0] and math.isfinite(metrics['train_loss'])
     assert any(not torch.equal(new_state[k], global_before[k]) for k in new_state)
 
 
@@ -208,38 +256,121 @@ def test_a_client_iteration_runs_three_forward_passes(cifar_root, tmp_path):
                         ('global', copy)):
         model.register_forward_hook(lambda *args, name=name: calls.append(name))
     x, y = next(data.train_batches(datasets[0], 20, state['generator']))
-    mf.quped_client_step(cfg, state, copy, mf.global_optimizer_for(cfg, copy), x, y,
-                         mf.round_schedule(cfg, 0), 1e-2)
+    federated.quped_client_step(cfg, state, copy, federated.global_optimizer_for(cfg, state, copy),
+                                x, y, federated.round_schedule(cfg, 0, 'resnet8'), 1e-2)
     assert sorted(calls) == ['global', 'personal', 'quantized']
 
 
-def test_the_global_step_distils_from_the_quantized_model_or_not(cifar_root, tmp_path):
-    results = {}
-    for kd in (True, False):
-        cfg, clients, global_model, datasets = small_run(cifar_root, tmp_path,
-                                                         f'--global_kd={kd}')
-        copy = resnet.build('resnet8')
-        state, _, metrics = mf.client_round(cfg, clients[0], global_model.state_dict(), copy,
-                                            datasets[0], mf.round_schedule(cfg, 0))
-        results[kd] = state, metrics
-    assert any(not torch.equal(results[True][0][k], results[False][0][k])
-               for k in results[True][0])
+def recorded_kd_calls(monkeypatch):
+    calls = []
+    real = utils.kd_loss
+
+    def recording(student, y, teacher, lambda_p, temp, scale_student=False):
+        calls.append({'student': student.detach().clone(), 'teacher': teacher.detach().clone(),
+                      'lambda_p': lambda_p, 'scale_student': scale_student})
+        return real(student, y, teacher, lambda_p, temp, scale_student)
+    monkeypatch.setattr(utils, 'kd_loss', recording)
+    return calls
+
+
+@pytest.mark.parametrize('teacher_train_mode', [True, False])
+@pytest.mark.parametrize('global_teacher', ['quantized', 'full_precision'])
+def test_the_numbers_of_a_quped_client_iteration(cifar_root, tmp_path, monkeypatch,
+                                                 teacher_train_mode, global_teacher):
+    """Which logits teach (a), (b) and (c), with which KD form and weight, and the prox step
+    after (a): each against a model computed apart from the step."""
+    cfg, clients, global_model, datasets = small_run(
+        cifar_root, tmp_path, f'--teacher_train_mode={teacher_train_mode}',
+        f'--global_teacher={global_teacher}', '--kd_form=hinton', '--kd_form_center=released',
+        '--lambda_p=0.3', '--global_lambda_p=0.6', '--lambda_coef=(0.05,)')
+    state = clients[0]
+    global_copy = resnet.build('resnet8')
+    global_copy.load_state_dict(global_model.state_dict())
+    x, y = next(data.train_batches(datasets[0], 20, state['generator']))
+    sched = federated.round_schedule(cfg, 3, 'resnet8')
+    # independent expectations, from copies taken before the step
+    teacher_copy = copy.deepcopy(global_copy).train(teacher_train_mode)
+    want_teacher = teacher_copy(x).detach()
+    personal = copy.deepcopy(state['model'])
+    optimizer = torch.optim.Adam(personal.parameters(), lr=1e-2)
+    optimizer.load_state_dict(state['optimizer'].state_dict())
+    optimizer.zero_grad()
+    utils.kd_loss(personal(x), y, want_teacher, 0.3, cfg['temp'], True).backward()
+    optimizer.step()
+    want_fp_logits = None
+    centers = state['centers'].clone()
+    weights = utils.QuantizedWeights(personal)
+    utils.prox_step(weights, centers, 1e-2, sched['lam'], lr2=sched['lr2'])
+    want_after_prox = weights.flat()
+    quantized = copy.deepcopy(personal).train()
+    quantized.load_state_dict({**personal.state_dict(),
+                               **utils.quantized_state(weights, centers)})
+    want_quantized_logits = quantized(x).detach()
+
+    calls = recorded_kd_calls(monkeypatch)
+    optimizer_g = federated.global_optimizer_for(cfg, state, global_copy)
+    federated.quped_client_step(cfg, state, global_copy, optimizer_g, x, y, sched, 1e-2)
+    a, b, c = calls
+    want_fp_logits = a['student']
+    assert torch.equal(a['teacher'], want_teacher) and (a['lambda_p'], a['scale_student']) == (
+        0.3, True)
+    assert torch.equal(b['teacher'], want_teacher) and (b['lambda_p'], b['scale_student']) == (
+        0.3, False)
+    assert torch.equal(b['student'], want_quantized_logits)
+    assert torch.equal(c['teacher'], want_quantized_logits if global_teacher == 'quantized'
+                       else want_fp_logits)
+    assert (c['lambda_p'], c['scale_student']) == (0.6, True)
+    if teacher_train_mode:  # one forward of w_i is both the teacher and (c)'s student
+        assert torch.equal(c['student'], want_teacher)
+    assert torch.equal(state['weights'].flat(), want_after_prox)
+
+
+def test_qupel_with_full_precision_clients_is_ditto(cifar_root, tmp_path):
+    """One QuPeL iteration at bits 0 against a hand-written Ditto step: the personal model on
+    cross-entropy plus lambda/2 ||v - w||^2 (Adam), the global copy on cross-entropy (SGD)."""
+    cfg, clients, global_model, datasets = small_run(
+        cifar_root, tmp_path, '--algorithm=qupel', '--client_bits=(0,)',
+        '--client_archs=(resnet8,)', '--lambda_p=0.4')
+    state = clients[0]
+    assert state['weights'] is None
+    w = resnet.build('resnet8')
+    w.load_state_dict(global_model.state_dict())
+    v_ref, w_ref = copy.deepcopy(state['model']), copy.deepcopy(w)
+    x, y = next(data.train_batches(datasets[0], 20, state['generator']))
+    v_opt = torch.optim.Adam(v_ref.parameters(), lr=1e-2)
+    w_opt = torch.optim.SGD(w_ref.parameters(), lr=cfg['global_lr'], momentum=0.9)
+    v_opt.zero_grad()
+    pull = sum(((p - q.detach()) ** 2).sum() for p, q in zip(v_ref.parameters(),
+                                                             w_ref.parameters()))
+    (F.cross_entropy(v_ref(x), y) + 0.4 / 2 * pull).backward()
+    v_opt.step()
+    w_opt.zero_grad()
+    F.cross_entropy(w_ref(x), y).backward()
+    w_opt.step()
+    federated.qupel_client_step(cfg, state, w, federated.global_optimizer_for(cfg, state, w), x,
+                                y, federated.round_schedule(cfg, 0, 'resnet8'), 1e-2)
+    for got, want in ((state['model'], v_ref), (w, w_ref)):
+        for (name, p), q in zip(got.state_dict().items(), want.state_dict().values()):
+            assert torch.allclose(p, q, rtol=0, atol=1e-6), name
 
 
 # --- whole runs --------------------------------------------------------------------------------
 
 def test_local_with_one_client_reproduces_main_centralized(cifar_root, tmp_path):
     common = [f'--data_root={cifar_root}', f'--results_dir={tmp_path}', '--BATCH_SIZE=50',
-              '--lambda_coef=1e-3', '--lr2_milestones=(1,)', '--center_reg_fix=True']
+              '--lr2_milestones=(1,)', '--center_reg_fix=True', '--val_fraction=0.15']
     central = mc.main(common + ['--run_name=c', '--resn=8', '--n_centroids=4',
-                                '--cold_start=True', '--EPOCHS=3', '--freeze_epoch=3'])
-    federated = mf.main(common + ['--run_name=f', '--algorithm=local', '--n_clients=1',
-                                  '--classes_per_client=10', '--client_archs=(resnet8,)',
-                                  '--client_bits=(2,)', '--rounds=3', '--freeze_round=3'])
+                                '--cold_start=True', '--EPOCHS=3', '--freeze_epoch=3',
+                                '--lambda_coef=1e-3'])
+    federated_run = mf.main(common + ['--run_name=f', '--algorithm=local', '--n_clients=1',
+                                      '--classes_per_client=10', '--client_archs=(resnet8,)',
+                                      '--client_bits=(2,)', '--rounds=3', '--freeze_round=3',
+                                      '--lambda_coef=(1e-3,)'])
     pairs = {'train_loss': 'train_loss', 'train_acc': 'train_acc', 'test_acc': 'fp_test_acc',
-             'q_test_acc': 'q_test_acc', 'q_train_loss': 'q_train_loss', 'centers': 'centers',
-             'members': 'members', 'lr1': 'lr1'}
-    central_rows, federated_rows = rows(central), rows(federated)
+             'val_acc': 'fp_val_acc', 'q_test_acc': 'q_test_acc', 'q_val_acc': 'q_val_acc',
+             'q_train_loss': 'q_train_loss', 'centers': 'centers', 'members': 'members',
+             'lr1': 'lr1'}
+    central_rows, federated_rows = rows(central), rows(federated_run)
     assert len(central_rows) == len(federated_rows) == 3
     for c, f in zip(central_rows, federated_rows):
         client = f['clients'][0]
@@ -249,10 +380,11 @@ def test_local_with_one_client_reproduces_main_centralized(cifar_root, tmp_path)
     assert [row['frozen'] for row in central_rows] == [False, False, True]
 
 
-def test_a_run_writes_its_partition_metrics_and_a_loadable_best(cifar_root, tmp_path, capsys):
-    folder = mf.main(fed_args(cifar_root, tmp_path, '--client_bits=(1,0,2)'))
+def test_a_run_writes_its_partition_metrics_and_a_best_chosen_on_validation(cifar_root, tmp_path,
+                                                                            capsys):
+    folder = mf.main(fed_args(cifar_root, tmp_path, '--client_bits=(1,0,2)', '--rounds=3'))
     out = capsys.readouterr().out
-    assert out.count('round ') >= 2 and 'personalised quantized test acc mean' in out
+    assert out.count('round ') >= 3 and 'personalised quantized acc val' in out
     assert sorted(os.listdir(folder)) == ['best.pt', 'config.json', 'last.pt', 'metrics.jsonl',
                                           'partition.json']
     with open(os.path.join(folder, 'partition.json')) as f:
@@ -260,25 +392,30 @@ def test_a_run_writes_its_partition_metrics_and_a_loadable_best(cifar_root, tmp_
     cifar = data.load_cifar10(cifar_root, 'cpu')
     assert [p['client'] for p in parts] == [0, 1, 2, 3]
     for p in parts:
-        assert p['train_class_counts'] == torch.bincount(
-            cifar['train_y'][p['train_indices']], minlength=10).tolist()
-        assert p['test_class_counts'] == torch.bincount(
-            cifar['test_y'][p['test_indices']], minlength=10).tolist()
+        assert not set(p['train_indices']) & set(p['val_indices'])
+        for split, source in (('train', 'train_y'), ('val', 'train_y'), ('test', 'test_y')):
+            assert p[f'{split}_class_counts'] == torch.bincount(
+                cifar[source][p[f'{split}_indices']], minlength=10).tolist()
     metrics = rows(folder)
     for row in metrics:
         assert [c['client'] for c in row['clients']] == [0, 1, 2, 3]
-        accs = [c['q_test_acc'] for c in row['clients']]
-        weights = [c['n_test'] for c in row['clients']]
-        assert row['q_test_acc_mean'] == pytest.approx(sum(accs) / 4)
-        assert row['q_test_acc_weighted'] == pytest.approx(
-            sum(a * w for a, w in zip(accs, weights)) / sum(weights))
-        assert row['q_test_acc_min'] == min(accs) and row['q_test_acc_std'] >= 0
+        for split in ('val', 'test'):
+            accs = [c[f'q_{split}_acc'] for c in row['clients']]
+            weights = [c[f'n_{split}'] for c in row['clients']]
+            assert row[f'q_{split}_acc_mean'] == pytest.approx(sum(accs) / 4)
+            assert row[f'q_{split}_acc_weighted'] == pytest.approx(
+                sum(a * w for a, w in zip(accs, weights)) / sum(weights))
+            assert row[f'q_{split}_acc_min'] == min(accs) and row[f'q_{split}_acc_std'] >= 0
         assert row['global_test_acc_weighted'] is not None
+        assert 0 < row['global_val_maxprob'] <= 1 and 0 <= row['global_val_entropy'] <= math.log(10)
         assert [c['bits'] for c in row['clients']] == [1, 32, 2, 1]  # 0 bits: full precision
-        assert [c['arch'] for c in row['clients']] == ['resnet8', 'cifarnet'] * 2
-    best = max(metrics, key=lambda row: row['q_test_acc_mean'])
+        assert [c['arch'] for c in row['clients']] == ['resnet8'] * 3 + ['cifarnet']
+        sent = federated.model_bytes(resnet.build('resnet8'))
+        assert row['bytes_down'] == row['bytes_up'] == 4 * sent
+        assert all(c['bytes_down'] == c['bytes_up'] == sent for c in row['clients'])
+    best = max(metrics, key=lambda row: row['q_val_acc_weighted'])  # first of equals
     for client in range(4):
-        model, info = mf.load_client_model(os.path.join(folder, 'best.pt'), client)
+        model, info = federated.load_client_model(os.path.join(folder, 'best.pt'), client)
         assert info['round'] == best['round']
         test = torch.tensor(parts[client]['test_indices'])
         _, accuracy = runtime.evaluate(model, cifar['test_x'][test], cifar['test_y'][test])
@@ -296,8 +433,22 @@ def test_fedavg_reports_the_global_model_for_every_client(cifar_root, tmp_path):
         for client in row['clients']:
             assert client['q_test_acc'] == client['fp_test_acc'] == client['global_test_acc']
         assert row['q_test_acc_weighted'] == row['global_test_acc_weighted']
-    model, info = mf.load_client_model(os.path.join(folder, 'best.pt'), 2)
+    model, info = federated.load_client_model(os.path.join(folder, 'best.pt'), 2)
     assert info['arch'] == 'resnet8' and info['bits'] == 0
+
+
+def test_fedavg_ft_fine_tunes_copies_and_leaves_the_global_model_as_fedavg_trains_it(cifar_root,
+                                                                                   tmp_path):
+    fedavg = rows(mf.main(fed_args(cifar_root, tmp_path, '--algorithm=fedavg', name='a')))
+    tuned = rows(mf.main(fed_args(cifar_root, tmp_path, '--algorithm=fedavg_ft', name='b')))
+    for plain, ft in zip(fedavg, tuned):
+        assert [c['global_test_acc'] for c in plain['clients']] == [
+            c['global_test_acc'] for c in ft['clients']]
+        assert [c['q_test_acc'] for c in ft['clients']] != [
+            c['global_test_acc'] for c in ft['clients']]
+    best_a = torch.load(tmp_path / 'results' / 'a' / 'last.pt', weights_only=True)['global']
+    best_b = torch.load(tmp_path / 'results' / 'b' / 'last.pt', weights_only=True)['global']
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
 def test_client_sampling(cifar_root, tmp_path):
@@ -309,6 +460,14 @@ def test_client_sampling(cifar_root, tmp_path):
         for client in row['clients']:
             assert client['sampled'] == (client['client'] in row['sampled'])
             assert ('train_loss' in client) == client['sampled']
+            assert client['bytes_down'] == (client['bytes_up'] if client['sampled'] else 0)
+
+
+def test_local_trains_every_client_every_round_whatever_the_fraction(cifar_root, tmp_path):
+    folder = mf.main(fed_args(cifar_root, tmp_path, '--client_fraction=0.5', '--algorithm=local'))
+    for row in rows(folder):
+        assert row['sampled'] == [0, 1, 2, 3] and row['bytes_down'] == row['bytes_up'] == 0
+        assert row['global_test_acc_weighted'] is None
 
 
 class Killed(BaseException):
@@ -316,20 +475,21 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('algorithm', ['quped', 'fedavg'])
+@pytest.mark.parametrize('algorithm, extra', [('quped', ()), ('fedavg', ()),
+                                              ('qupel', ('--global_optimizer_reset=False',))])
 def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatch, algorithm,
-                                                device):
+                                                extra, device):
     args = ('--rounds=3', f'--algorithm={algorithm}', '--client_fraction=0.75',
-            '--freeze_round=2', f'--device={device}')
+            '--freeze_round=2', f'--device={device}', '--client_archs=(resnet8,)', *extra)
     whole = mf.main(fed_args(cifar_root, tmp_path, *args, name='whole'))
-    real_save_last = mf.save_last
+    real_save_last = federated.save_last
 
-    def killed_after_round_1(cfg, run, folder, rows_so_far):
-        real_save_last(cfg, run, folder, rows_so_far)
+    def killed_after_round_1(cfg, folder, rows_so_far, *rest):
+        real_save_last(cfg, folder, rows_so_far, *rest)
         if len(rows_so_far) == 1:
             raise Killed
     with monkeypatch.context() as patch:
-        patch.setattr(mf, 'save_last', killed_after_round_1)
+        patch.setattr(federated, 'save_last', killed_after_round_1)
         with pytest.raises(Killed):
             mf.main(fed_args(cifar_root, tmp_path, *args, name='killed'))
     folder = tmp_path / 'results' / 'killed'
@@ -339,18 +499,23 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize('args, phrases', [
-    (['--n_clients=100', '--classes_per_client=5'], ['but 50 of the 100 clients hold it']),
+    (['--n_clients=100', '--classes_per_client=5'], ['of the 100 clients hold it']),
     (['--classes_per_client=0'], ['classes_per_client=0', '1 to 10']),
     (['--classes_per_client=11'], ['classes_per_client=11']),
     (['--client_archs=(resnet8,resnet9)'], ['resnet9', 'cifarnet2']),
     (['--global_arch=vgg'], ['vgg']),
-    (['--algorithm=fedprox'], ["algorithm='fedprox'", 'quped, fedavg, local']),
+    (['--algorithm=fedprox'], ["algorithm='fedprox'", 'quped, qupel, fedavg, fedavg_ft, local']),
     (['--partition=iid'], ["partition='iid'"]),
     (['--client_bits=(1,9)'], ['client_bits']),
     (['--client_fraction=0'], ['client_fraction=0.0']),
     (['--lambda_p=1.5'], ['lambda_p=1.5']),
     (['--dirichlet_alpha=0'], ['dirichlet_alpha=0.0']),
     (['--BATCH_SIZE=1'], ['two or more training images']),
+    (['--val_fraction=0'], ['val_fraction=0.0']),
+    (['--kd_form=exact'], ["kd_form='exact'"]),
+    (['--lambda_coef=(1e-4,1e-5,1e-6)'], ['lambda_coef']),
+    (['--algorithm=qupel'], ['qupel pulls', 'global_arch']),
+    (['--algorithm=fedavg_ft', '--ft_epochs=0'], ['ft_epochs=0']),
 ])
 def test_bad_input(cifar_root, tmp_path, capsys, args, phrases):
     fails_with(capsys, fed_args(cifar_root, tmp_path, *args), *phrases)

@@ -1,0 +1,398 @@
+"""QuPeD on Flower (flwr 1.42): a ClientApp and a ServerApp around federated.py's units, so that
+the clients run as Flower SuperNodes (simulated, or real processes on other machines) and a
+run writes what main_federated.py writes, with the same numbers.
+
+    flwr run . --federation-config "num-supernodes=20" --run-config "rounds=100"
+
+(README.md, "Running on Flower"). pyproject.toml's [tool.flwr.app.config] holds exactly
+main_federated.py's hyperparameters and defaults (tests/test_flower.py keeps them equal); a
+run's configuration goes through the same `--name=value` parsing and checks as the script's.
+
+The server (`server`): waits for the SuperNodes, checks that their partition ids cover
+0..n_clients-1, then per round samples with federated.sample_clients, sends the global model to
+the sampled clients ('train'), averages their replies with federated.aggregate in partition
+order, sends the new global model to every client ('evaluate'), builds the row with
+federated.round_row and writes metrics.jsonl, best.pt, last.pt, config.json and partition.json
+as main_federated.py does.
+
+A client (`client`): its partition id comes from the SuperNode's node_config (`partition-id`,
+`num-partitions`). Its private state (model, Adam, centers, batch generator) lives in
+Context.state and, after every round, in a file under the run folder's `clients/` (or under the
+node_config's `state-dir`), with the previous round's copy: a restarted SuperNode, or a resumed
+run, continues from the round the server is at. The server's last.pt therefore holds no client
+state (`clients` None); best.pt holds every client's quantized model, which the clients send
+with their evaluation (the deliverable, as main_federated.py's best.pt keeps it).
+"""
+import ast
+import io
+import json
+import os
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+import data
+import federated
+import resnet
+import runtime
+
+APP_DIR = Path(__file__).resolve().parent
+NODE_WAIT_SECONDS = 120  # how long the server waits for every SuperNode to connect
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def pyproject_defaults():
+    """[tool.flwr.app.config] of pyproject.toml with its tuples (written as strings, since a run
+    config holds only scalars) as tuples: main_federated.py's DEFAULTS."""
+    with open(APP_DIR / 'pyproject.toml', 'rb') as f:
+        table = tomllib.load(f)['tool']['flwr']['app']['config']
+    return {k: ast.literal_eval(v) if isinstance(v, str) and v.startswith('(') else v
+            for k, v in table.items()}
+
+
+def as_text(value):
+    return value if isinstance(value, str) else repr(value)
+
+
+def config_from_run_config(run_config):
+    """(configuration, the values that differ from the defaults) from a Flower run config,
+    through the script's parsing and checks: a bad value gets main_federated.py's message."""
+    defaults = pyproject_defaults()
+    parsed = runtime.parse_overrides(defaults, [f'--{k}={as_text(v)}'
+                                                for k, v in run_config.items()])
+    cfg = {**defaults, **parsed}
+    federated.check_config(cfg)
+    return cfg, {k: v for k, v in parsed.items() if v != defaults[k]}
+
+
+def resolve(path):
+    """A relative path from the run config, taken from the app's folder."""
+    return path if not path or os.path.isabs(path) else str(APP_DIR / path)
+
+
+def encode(cfg):
+    return json.dumps(cfg)
+
+
+def decode(text):
+    """The configuration a message carries, its tuples restored."""
+    cfg = json.loads(text)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
+def to_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(blob):
+    return torch.load(io.BytesIO(blob), map_location='cpu', weights_only=True)
+
+
+# --- the client ------------------------------------------------------------------------------
+
+client = ClientApp()
+CACHE = {}  # per process: the client's data, kept across messages
+
+
+def node_setting(context, key, default=None):
+    return context.node_config.get(key, default)
+
+
+def partition_id(context):
+    return int(node_setting(context, 'partition-id'))
+
+
+def client_data(cfg, context, dev):
+    """The client's training, validation and test images, loaded once per process."""
+    root = node_setting(context, 'data-root') or resolve(cfg['data_root'])
+    key = (root, str(dev), json.dumps({k: cfg[k] for k in (
+        'partition', 'n_clients', 'classes_per_client', 'dirichlet_alpha', 'val_fraction',
+        'BATCH_SIZE', 'seed', 'client_archs', 'client_bits')}), partition_id(context))
+    if key not in CACHE:
+        cifar = data.load_cifar10(root, dev)
+        parts = federated.make_partition({**cfg, 'data_root': root}, cifar)
+        CACHE.clear()
+        CACHE[key] = parts[partition_id(context)], federated.client_dataset(
+            cifar, parts[partition_id(context)])
+    return CACHE[key]
+
+
+def state_paths(cfg_folder, context):
+    folder = node_setting(context, 'state-dir') or os.path.join(cfg_folder, 'clients')
+    os.makedirs(folder, exist_ok=True)
+    latest = os.path.join(folder, f'client_{partition_id(context)}.pt')
+    return latest, latest + '.previous'
+
+
+def load_state(cfg, context, folder, dev, completed):
+    """The client's state after `completed` rounds: from Context.state when it is there, else
+    from its files (a restarted SuperNode, a resumed run), else new (round 0)."""
+    client_id = partition_id(context)
+    state = federated.new_client_state(cfg, client_id, dev)
+    record = context.state.get('client')
+    if record is not None and record['completed'] == completed:
+        federated.load_client_state(state, from_bytes(record['state']))
+        return state
+    for path in state_paths(folder, context):
+        if os.path.isfile(path):
+            saved = torch.load(path, map_location='cpu', weights_only=True)
+            if saved['completed'] == completed:
+                federated.load_client_state(state, saved['state'])
+                return state
+    if completed:
+        raise runtime.ConfigError(
+            f"client {client_id} has no state after round {completed} in Context.state or in "
+            f"{state_paths(folder, context)[0]}: it cannot continue this run.")
+    return state
+
+
+def keep_state(context, folder, state, completed, to_file):
+    """The client's state after `completed` rounds, in Context.state and, with `to_file`, in
+    its file (the previous round's file kept beside it)."""
+    saved = federated.saved_client_state(state)
+    context.state['client'] = ConfigRecord({'completed': completed, 'state': to_bytes(saved)})
+    if to_file:
+        latest, previous = state_paths(folder, context)
+        if os.path.isfile(latest):
+            os.replace(latest, previous)
+        runtime.save_torch(latest, {'completed': completed, 'state': saved})
+
+
+def client_setup(msg, context):
+    settings = msg.content['config']
+    cfg = decode(settings['cfg'])
+    dev = runtime.select_device(cfg['device'])
+    runtime.seed_everything(cfg['seed'], dev)
+    return cfg, settings, dev
+
+
+@client.query()
+def describe(msg, context):
+    """The client's partition id and count, for the server's check, and its partition."""
+    cfg, _, dev = client_setup(msg, context)
+    part, _ = client_data(cfg, context, dev)
+    return Message(RecordDict({'reply': ConfigRecord({
+        'partition-id': partition_id(context),
+        'num-partitions': int(node_setting(context, 'num-partitions')),
+        'part': json.dumps(part)})}), reply_to=msg)
+
+
+@client.train()
+def train(msg, context):
+    """federated.client_round on this client: its copy of the global model after local
+    training, its aggregation weight and its training metrics."""
+    cfg, settings, dev = client_setup(msg, context)
+    rnd, folder = settings['round'], settings['folder']
+    _, dataset = client_data(cfg, context, dev)
+    state = load_state(cfg, context, folder, dev, completed=rnd)
+    global_copy = global_state = None
+    if 'global' in msg.content:
+        global_copy = resnet.build(cfg['global_arch']).to(dev)
+        global_state = {k: v.to(dev) for k, v in msg.content['global'].to_torch_state_dict().items()}
+    new_state, weight, metrics = federated.client_round(cfg, partition_id(context), state,
+                                                        global_state, global_copy, dataset, rnd)
+    keep_state(context, folder, state, rnd + 1, to_file=False)
+    content = {'reply': ConfigRecord({'weight': weight, 'metrics': json.dumps(metrics)})}
+    if new_state is not None:
+        content['global'] = ArrayRecord(new_state)
+    return Message(RecordDict(content), reply_to=msg)
+
+
+@client.evaluate()
+def evaluate(msg, context):
+    """federated.evaluate_client on this client; its state is then saved, and its quantized
+    model sent, for best.pt."""
+    cfg, settings, dev = client_setup(msg, context)
+    rnd, folder = settings['round'], settings['folder']
+    trained = json.loads(settings['trained'])
+    _, dataset = client_data(cfg, context, dev)
+    state = load_state(cfg, context, folder, dev, completed=rnd + (trained is not None))
+    global_model = None
+    if 'global' in msg.content:
+        global_model = resnet.build(cfg['global_arch']).to(dev)
+        global_model.load_state_dict(msg.content['global'].to_torch_state_dict())
+    client_id = partition_id(context)
+    entry = federated.evaluate_client(cfg, client_id, state, global_model, dataset, rnd,
+                                      trained, settings['sent'])
+    keep_state(context, folder, state, rnd + 1, to_file=True)
+    reply = {'entry': json.dumps(entry)}
+    if cfg['algorithm'] in federated.PERSONALISED:
+        reply['best'] = to_bytes(federated.best_client_entry(cfg, client_id, state))
+    return Message(RecordDict({'reply': ConfigRecord(reply)}), reply_to=msg)
+
+
+# --- the server ------------------------------------------------------------------------------
+
+server = ServerApp()
+
+
+def message(grid, node, kind, rnd, settings, global_state=None):
+    content = {'config': ConfigRecord(settings)}
+    if global_state is not None:
+        content['global'] = ArrayRecord(global_state)
+    return Message(RecordDict(content), dst_node_id=node, message_type=kind,
+                   group_id=str(rnd))
+
+
+def exchange(grid, messages):
+    """The replies to `messages`, every one of them, or an error naming the failure."""
+    replies = list(grid.send_and_receive(messages))
+    failed = [r for r in replies if r.has_error()]
+    if failed or len(replies) != len(messages):
+        reason = failed[0].error.reason if failed else 'replies missing'
+        raise runtime.ConfigError(f"{len(failed) or len(messages) - len(replies)} of "
+                                  f"{len(messages)} clients did not reply ({reason}).")
+    return replies
+
+
+def connect(grid, cfg, settings):
+    """{partition id: node id} for n_clients SuperNodes whose ids cover 0..n_clients-1, and the
+    partition they report, in client order."""
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while len(list(grid.get_node_ids())) < cfg['n_clients'] and time.monotonic() < deadline:
+        time.sleep(1)
+    nodes = list(grid.get_node_ids())
+    replies = exchange(grid, [message(grid, node, MessageType.QUERY, 0, settings)
+                              for node in nodes])
+    found = {}
+    for reply in replies:
+        record = reply.content['reply']
+        found[record['partition-id']] = (reply.metadata.src_node_id, record)
+    missing = [i for i in range(cfg['n_clients']) if i not in found]
+    wrong = sorted({r['num-partitions'] for _, r in found.values()} - {cfg['n_clients']})
+    if missing or wrong or len(found) != len(nodes):
+        raise runtime.ConfigError(
+            f"the SuperNodes' partition ids must be 0..{cfg['n_clients'] - 1} with "
+            f"num-partitions={cfg['n_clients']}: "
+            + (f"partition ids {', '.join(map(str, missing))} are missing; " if missing else '')
+            + (f"num-partitions {wrong} found; " if wrong else '')
+            + f"{len(nodes)} SuperNodes connected. Start one SuperNode per partition, each with "
+              f"--node-config \"partition-id=<i> num-partitions={cfg['n_clients']}\".")
+    return ({i: found[i][0] for i in range(cfg['n_clients'])},
+            [json.loads(found[i][1]['part']) for i in range(cfg['n_clients'])])
+
+
+def aggregate_replies(replies):
+    """federated.aggregate of {client: train reply}, in client (partition) order whatever the
+    order the replies arrived in: a sum in arrival order moves the floats (by up to 1.2e-7)."""
+    clients = sorted(replies)
+    return federated.aggregate(
+        [replies[c].content['global'].to_torch_state_dict() for c in clients],
+        [replies[c].content['reply']['weight'] for c in clients])
+
+
+def flower_round(grid, cfg, run, rnd):
+    """One round over Flower: train the sampled clients, aggregate in partition order,
+    evaluate every client; the round's row."""
+    nodes, global_model = run['nodes'], run['global_model']
+    settings = {'cfg': encode(cfg), 'round': rnd, 'folder': run['folder']}
+    sampled = federated.sample_clients(cfg, run['sampler'])
+    global_state = None if global_model is None else federated.model_state(global_model)
+    begin = time.perf_counter()
+    replies = exchange(grid, [message(grid, nodes[c], MessageType.TRAIN, rnd, settings,
+                                      global_state) for c in sampled])
+    by_client = {run['clients_of'][r.metadata.src_node_id]: r for r in replies}
+    trained = {c: json.loads(by_client[c].content['reply']['metrics']) for c in sampled}
+    if global_model is not None:
+        global_model.load_state_dict(aggregate_replies(by_client))
+    middle = time.perf_counter()
+    new_state = None if global_model is None else federated.model_state(global_model)
+    sent = 0 if global_model is None else federated.model_bytes(global_model)
+    replies = exchange(grid, [message(
+        grid, nodes[c], MessageType.EVALUATE, rnd,
+        {**settings, 'trained': json.dumps(trained.get(c)), 'sent': sent}, new_state)
+        for c in range(cfg['n_clients'])])
+    by_client = {run['clients_of'][r.metadata.src_node_id]: r.content['reply'] for r in replies}
+    entries = [json.loads(by_client[c]['entry']) for c in range(cfg['n_clients'])]
+    run['best_entries'] = [from_bytes(by_client[c]['best']) for c in range(cfg['n_clients'])
+                           if 'best' in by_client[c]]
+    timings = {'train_seconds': middle - begin, 'eval_seconds': time.perf_counter() - middle}
+    return federated.round_row(cfg, rnd, entries, timings)
+
+
+def save(cfg, run, rows):
+    row = rows[-1]
+    if federated.improves(run, row):
+        run['best'] = row[federated.SELECTION]
+        federated.save_best(cfg, run['folder'], row, run['best_entries'], run['global_model'])
+    federated.save_last(cfg, run['folder'], rows, None, run['global_model'], run['sampler'],
+                        run['best'])
+
+
+def serve(grid, context):
+    """The run: configuration, clients' check, then the rounds; returns the run folder."""
+    cfg, overrides = config_from_run_config(context.run_config)
+    checkpoint = None
+    for key in ('data_root', 'results_dir', 'resume', 'pretrained_path'):
+        cfg[key] = resolve(cfg[key])
+    if cfg['resume']:
+        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE)
+        cfg = {**pyproject_defaults(), **cfg}
+    dev = torch.device('cpu')  # the server only averages
+    runtime.seed_everything(cfg['seed'], dev)
+    if checkpoint is None:
+        folder = cfg['resume'] or runtime.new_run_folder(
+            cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg),
+            'flwr run . --run-config')
+        cfg['run_name'] = os.path.basename(os.path.normpath(folder))
+        rows = []
+    else:
+        folder, rows = cfg['resume'], checkpoint['rows']
+    run = {'folder': folder, 'global_model': federated.new_global_model(cfg, dev),
+           'sampler': torch.Generator().manual_seed(cfg['seed']), 'best': -1.0,
+           'best_entries': []}
+    nodes, parts = connect(grid, cfg, {'cfg': encode(cfg), 'round': 0, 'folder': folder})
+    run.update(nodes=nodes, clients_of={node: c for c, node in nodes.items()})
+    if checkpoint is not None:
+        if run['global_model'] is not None:
+            run['global_model'].load_state_dict(checkpoint['global'])
+        runtime.restore_rng_states(checkpoint, run['sampler'])
+        run['best'] = checkpoint['best']
+        runtime.write_rows(folder, rows)
+        print(f"resuming {folder} after round {len(rows)}")
+    runtime.write_json(os.path.join(folder, 'config.json'), cfg)
+    runtime.write_json(os.path.join(folder, 'partition.json'), parts)
+    runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: flower_round(grid, cfg, run, rnd),
+                       lambda rows: save(cfg, run, rows), federated.round_line(cfg), 'round',
+                       f"flwr run . --run-config \"resume='{folder}'\" (Flower)")
+    return folder
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    """serve(), with a bad configuration or a missing client ended by one paragraph."""
+    try:
+        folder = serve(grid, context)
+    except (runtime.ConfigError, runtime.Diverged, resnet.CheckpointError, data.DataError,
+            data.PartitionError) as e:
+        print(f"error: {e}")
+        raise SystemExit(2) from None
+    print(f"done: outputs in {folder}")
+
+
+
+# --- simulation from Python --------------------------------------------------------------------
+
+def simulate(run_config, num_supernodes, backend_config=None):
+    """A Flower simulation of this app with `run_config` overrides, as `flwr run .
+    --run-config ...` runs it: the run config fused from pyproject.toml's defaults and the
+    overrides, the ClientApp on `num_supernodes` simulated SuperNodes (partition-id and
+    num-partitions set by the engine). Flower 1.42's public run_simulation passes no run config,
+    so this calls the function it wraps."""
+    from flwr.common.config import get_fused_config_from_dir
+    from flwr.simulation.run_simulation import EventType, _run_simulation
+
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=get_fused_config_from_dir(APP_DIR, dict(run_config)))
+    result = _run_simulation(num_supernodes=num_supernodes, client_app=client, server_app=server,
+                             backend_config=backend_config, server_app_context=context,
+                             run=None, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+    return result

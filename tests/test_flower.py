@@ -1,0 +1,148 @@
+"""flower_app.py: its configuration is main_federated.py's, its simulation gives
+main_federated.py's rows bit for bit, it aggregates in partition order, floors integer buffers,
+resumes a killed run exactly; and (QUPED_SLOW=1, `-k deploy`) real SuperNode processes with TLS
+and node authentication on loopback.
+
+Needs requirements-flower.txt; skipped, with the reason, where Flower is not installed.
+"""
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+import federated
+import main_federated as mf
+import runtime
+
+flwr = pytest.importorskip('flwr', reason='Flower is not installed: pip install -r '
+                                          'requirements-flower.txt')
+import flower_app  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+
+THREADS = 1  # each simulated client runs on one CPU (one torch thread), and so does the
+# in-process run it is compared with: the reference's sums follow the thread count
+
+
+def test_the_apps_run_config_is_exactly_main_federated_hyperparameters():
+    defaults = flower_app.pyproject_defaults()
+    assert defaults == mf.DEFAULTS
+    assert {k: type(v) for k, v in defaults.items()} == {k: type(v) for k, v in
+                                                         mf.DEFAULTS.items()}
+
+
+@pytest.mark.parametrize('name, value', [('rounds', 'ten'), ('lambda_p', 1.5),
+                                         ('algorithm', 'fedprox'), ('client_bits', '(1,9)'),
+                                         ('epochs', 3)])
+def test_a_bad_run_config_value_gets_the_scripts_message(name, value):
+    with pytest.raises(runtime.ConfigError) as script:
+        federated.make_config(mf.DEFAULTS, [f'--{name}={flower_app.as_text(value)}'])
+    with pytest.raises(runtime.ConfigError) as app:
+        flower_app.config_from_run_config({name: value})
+    assert str(app.value) == str(script.value)
+
+
+def reply(state, weight):
+    class Reply:
+        content = RecordDict({'global': ArrayRecord(state),
+                              'reply': ConfigRecord({'weight': weight})})
+    return Reply()
+
+
+def test_aggregation_in_any_reply_order_equals_aggregate_in_partition_order():
+    generator = torch.Generator().manual_seed(0)
+    states = [{'w': torch.randn(1000, generator=generator),
+               'n': torch.tensor(c + 3, dtype=torch.long)} for c in range(4)]
+    weights = [17, 250, 3, 1000]
+    want = federated.aggregate(states, weights)
+    for order in itertools.permutations(range(4)):
+        replies = {c: reply(states[c], weights[c]) for c in order}
+        got = flower_app.aggregate_replies(replies)
+        assert torch.equal(got['w'], want['w']) and torch.equal(got['n'], want['n'])
+    arrival = federated.aggregate([states[c] for c in (3, 1, 0, 2)], [weights[c] for c in
+                                                                      (3, 1, 0, 2)])
+    assert not torch.equal(arrival['w'], want['w'])  # the order does move the floats
+
+
+def test_integer_buffers_are_floored_as_in_process():
+    counts = [torch.tensor(3), torch.tensor(4)]
+    replies = {c: reply({'n': counts[c]}, w) for c, w in ((0, 1), (1, 2))}
+    got = flower_app.aggregate_replies(replies)['n']
+    assert got.dtype == torch.int64 and got.item() == (3 + 2 * 4) // 3 == 3  # mean 3.67
+
+
+# --- simulation --------------------------------------------------------------------------------
+
+def run_config(cifar_root, folder, name, **extra):
+    return {'data_root': str(cifar_root), 'results_dir': str(folder), 'run_name': name,
+            'n_clients': 3, 'rounds': 2, 'classes_per_client': 4, 'BATCH_SIZE': 20,
+            'client_archs': "('resnet8',)", 'global_arch': 'resnet8', 'client_bits': '(1, 2)',
+            'freeze_round': 2, **extra}
+
+
+def simulate(config):
+    flower_app.simulate(config, config['n_clients'],
+                        backend_config={'client_resources': {'num_cpus': 1, 'num_gpus': 0}})
+
+
+def in_process(config):
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        args = [f'--{k}={flower_app.as_text(v)}' for k, v in config.items()]
+        return mf.main(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def rows(folder):
+    with open(os.path.join(folder, 'metrics.jsonl')) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith('seconds')}
+                for line in f]
+
+
+@pytest.mark.parametrize('algorithm', ['quped', 'fedavg', 'local'])
+def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, tmp_path,
+                                                                   algorithm):
+    config = run_config(cifar_root, tmp_path / 'flower', 'run', algorithm=algorithm)
+    simulate(config)
+    folder = tmp_path / 'flower' / 'run'
+    expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})
+    assert rows(folder) == rows(expected)
+    configs = []
+    for name in ('config.json', 'partition.json'):
+        with open(folder / name) as f, open(os.path.join(expected, name)) as g:
+            configs.append((json.load(f), json.load(g)))
+    (flower_cfg, script_cfg), (flower_parts, script_parts) = configs
+    assert {**flower_cfg, 'results_dir': ''} == {**script_cfg, 'results_dir': ''}
+    assert flower_parts == script_parts
+    best, best_expected = (torch.load(os.path.join(f, 'best.pt'), weights_only=True)
+                           for f in (folder, expected))
+    assert best['round'] == best_expected['round']
+    for ours, theirs in zip(best['clients'], best_expected['clients']):
+        assert all(torch.equal(ours['state_dict'][k], theirs['state_dict'][k])
+                   for k in theirs['state_dict'])
+
+
+class Killed(BaseException):
+    """Stands for a kill of the server: not an Exception, so nothing in the run catches it."""
+
+
+def test_a_flower_run_killed_after_round_1_and_resumed_equals_an_uninterrupted_one(
+        cifar_root, tmp_path, monkeypatch):
+    config = run_config(cifar_root, tmp_path, 'killed', rounds=3, client_fraction=0.67)
+    real_save_last = federated.save_last
+
+    def killed_after_round_1(cfg, folder, rows_so_far, *rest):
+        real_save_last(cfg, folder, rows_so_far, *rest)
+        if len(rows_so_far) == 1:
+            raise Killed
+    with monkeypatch.context() as patch:
+        patch.setattr(federated, 'save_last', killed_after_round_1)
+        simulate(config)
+    folder = tmp_path / 'killed'
+    assert len(torch.load(folder / 'last.pt', weights_only=True)['rows']) == 1
+    simulate({**config, 'resume': str(folder), 'run_name': ''})
+    expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})
+    assert rows(folder) == rows(expected)

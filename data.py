@@ -7,6 +7,7 @@ augmentation is the reference's (random crop 32 with zero padding 4, horizontal 
 whole batches with index arithmetic, with no per-image PIL work and no worker processes.
 """
 import functools
+import hashlib
 import itertools
 import math
 import os
@@ -96,6 +97,17 @@ def load_cifar10(root, device, url=None):
             'test_y': torch.cat([y for _, y in test]).to(device)}
 
 
+def fingerprint(root):
+    """{batch file: sha256} of the data in `root`: a resumed run may read its data from another
+    folder only if this is unchanged."""
+    folder = batches_folder(root)
+    digests = {}
+    for name in TRAIN_FILES + TEST_FILES:
+        with open(os.path.join(folder, name), 'rb') as f:
+            digests[name] = hashlib.file_digest(f, 'sha256').hexdigest()
+    return digests
+
+
 @functools.lru_cache
 def channel_stats(device):
     """MEAN and STD as [1, 3, 1, 1] tensors on `device`, made once: building them per batch
@@ -145,6 +157,11 @@ def train_batches(data, batch_size, generator):
         if idx.numel() < 2:
             break
         yield normalize(augment(data['train_x'][idx], generator)), data['train_y'][idx]
+
+
+def batch_count(n, batch_size):
+    """How many batches train_batches gives for n images (a last batch of one is dropped)."""
+    return n // batch_size + (n % batch_size >= 2)
 
 
 def eval_batches(images, labels, batch_size=1000):

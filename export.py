@@ -4,6 +4,7 @@ weight as its center's index at ceil(log2 n) bits, the rest in float32.
     python export.py Results/<run>/best_quantized.pt      -> best_quantized.pt.packed
     python export.py Results/<run>/last.pt                -> last.pt.packed (Q_c(x) of the run)
     python export.py Results/<fed run>/best.pt            -> best.pt.client<i>.packed, per client
+    python export.py Results/<fed run>/last.pt            -> last.pt.client<i>.packed, per client
 
 The last line printed is one JSON object: path, bytes, float32_bytes, ratio and
 bits_per_quantized_weight (for a federated best.pt, those of every client under 'clients').
@@ -16,6 +17,7 @@ import sys
 
 import torch
 
+import federated
 import packing
 import resnet
 import runtime
@@ -47,9 +49,8 @@ def center_indices(state, names, centers, on_centers, l1=True):
     return indices
 
 
-def sizes(path, obj, state):
+def sizes(path, obj, state, size):
     """The file's size against the same model in float32."""
-    size = os.path.getsize(path)
     float32_bytes = 4 * sum(t.numel() for t in state.values())
     weights, index_bytes, _ = packing.data_sizes(obj, packing.layout(obj['arch']))
     return {'path': path, 'bytes': size, 'float32_bytes': float32_bytes,
@@ -58,10 +59,12 @@ def sizes(path, obj, state):
 
 
 def write(path, arch, state, names, centers, on_centers, source, l1=True):
+    """(path, the packed file's bytes, its sizes): export() writes every file of a checkpoint
+    together, or none."""
     obj = packing.pack(arch, state, center_indices(state, names, centers, on_centers, l1),
                        centers, source)
-    runtime.save_torch(path, obj)
-    return sizes(path, obj, state)
+    payload = runtime.torch_bytes(obj)
+    return path, payload, sizes(path, obj, state, len(payload))
 
 
 def export_centralized(path, checkpoint):
@@ -83,6 +86,31 @@ def export_centralized(path, checkpoint):
                  cfg.get('l1', True))
 
 
+def export_federated_last(path, checkpoint):
+    """Every quantized client of a main_federated.py last.pt: Q_c(x) of its model as trained
+    so far (what its q_test_acc evaluates)."""
+    cfg = checkpoint['config']
+    if checkpoint['clients'] is None:
+        raise ExportError(f"{path} is the last.pt of a Flower run, whose clients keep their own "
+                          f"states: export its best.pt, or the clients' files under clients/.")
+    out = []
+    for client, saved in enumerate(checkpoint['clients']):
+        if saved.get('centers') is None:
+            continue
+        arch, bits = federated.client_plan(cfg, client)
+        model = resnet.build(arch)
+        names = federated.QUANTIZATION_RULES.get(arch, utils.resnet_rule)(model)
+        source = {'checkpoint': os.path.basename(path), 'round': checkpoint['round'],
+                  'client': client,
+                  'q_test_acc': checkpoint['rows'][-1]['clients'][client]['q_test_acc']}
+        out.append(write(f"{path}.client{client}.packed", arch, saved['model'], names,
+                         saved['centers'].cpu(), False, source, cfg.get('l1', True)))
+    if not out:
+        raise ExportError(f"{path} holds no quantized personalised model (a FedAvg run, or only "
+                          f"full-precision clients): there is nothing to pack.")
+    return out
+
+
 def export_federated(path, checkpoint):
     """Every quantized client of a main_federated.py best.pt."""
     clients = [c for c in checkpoint['clients'] if c['centers'] is not None]
@@ -100,16 +128,35 @@ def export_federated(path, checkpoint):
 
 
 def export(path):
+    """Pack the checkpoint's quantized model(s); returns their sizes (a list for a federated
+    checkpoint, one per client)."""
+    files = packed_files(path)
+    runtime.write_together({file: payload for file, payload, _ in files})
+    result = [info for _, _, info in files]
+    return result if len(files) > 1 or path_is_federated(path) else result[0]
+
+
+def path_is_federated(path):
+    checkpoint = resnet.read_checkpoint(path)
+    return isinstance(checkpoint, dict) and 'clients' in checkpoint
+
+
+def packed_files(path):
     checkpoint = resnet.read_checkpoint(path)
     if packing.is_packed(checkpoint):
         raise ExportError(f"{path} is already a packed file.")
+    if isinstance(checkpoint, dict) and {'clients', 'global', 'round', 'rows'} <= set(checkpoint):
+        return export_federated_last(path, checkpoint)
     if isinstance(checkpoint, dict) and {'clients', 'global', 'round'} <= set(checkpoint):
         return export_federated(path, checkpoint)
     if isinstance(checkpoint, dict) and checkpoint.get('centers') is not None and (
             'config' in checkpoint):
-        return export_centralized(path, checkpoint)
+        return [export_centralized(path, checkpoint)]
+    if isinstance(checkpoint, dict) and checkpoint.get('config', {}).get('fp'):
+        raise ExportError(f"{path} is from a full-precision run (fp=True): it has no centers, "
+                          f"so there is no quantized model to pack.")
     raise ExportError(f"{path} holds no centers: pass a checkpoint of a QuPeD run "
-                      f"(best_quantized.pt, last.pt, or a federated best.pt).")
+                      f"(best_quantized.pt, last.pt, or a federated best.pt or last.pt).")
 
 
 def main(argv=None):
@@ -121,6 +168,11 @@ def main(argv=None):
         result = export(argv[0])
     except (ExportError, resnet.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except OSError as e:
+        print(f"error: cannot write the packed file beside {argv[0]} ({e.strerror}); nothing was "
+              f"written. Make the folder writable, or copy the checkpoint to a writable folder "
+              f"and export it there.", file=sys.stderr)
         raise SystemExit(2)
     if isinstance(result, list):
         for entry in result:

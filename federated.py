@@ -96,6 +96,7 @@ def check_config(cfg):
                         f"rounds")
     if not cfg['cold_start'] and not cfg['pretrained_path']:
         problems.append("cold_start=False needs a pretrained_path")
+    problems += runtime.common_problems(cfg)
     if problems:
         raise ConfigError('; '.join(problems) + '. Fix these hyperparameters and run again.')
 
@@ -151,14 +152,18 @@ def make_partition(cfg, cifar):
                                           cfg['seed'])
     test = data.test_partition(cifar['test_y'], data.class_counts(labels, shares), cfg['seed'])
     train, val = data.validation_split(labels, shares, cfg['val_fraction'], cfg['seed'])
+    if cfg['BATCH_SIZE'] < 2:
+        raise ConfigError(f"BATCH_SIZE={cfg['BATCH_SIZE']} gives batches of one image, which "
+                          f"BatchNorm cannot train on: every client needs two or more training "
+                          f"images per batch; use a BATCH_SIZE of 2 or more.")
     for client, (tr, va, te) in enumerate(zip(train, val, test)):
-        if min(cfg['BATCH_SIZE'], tr.numel()) < 2 or va.numel() == 0 or te.numel() == 0:
+        if tr.numel() < 2 or va.numel() == 0 or te.numel() == 0:
             raise ConfigError(
                 f"client {client} gets {tr.numel()} training, {va.numel()} validation and "
-                f"{te.numel()} test images with this partition; each client needs a batch of "
-                f"two or more training images (BatchNorm cannot train on one), a validation "
-                f"image and a test image: use fewer clients, more classes per client or a "
-                f"larger dirichlet_alpha, or a larger val_fraction.")
+                f"{te.numel()} test images with this partition; each client needs two or more "
+                f"training images (BatchNorm cannot train on one), a validation image and a "
+                f"test image: use fewer clients, more classes per client or a larger "
+                f"dirichlet_alpha, or a larger val_fraction.")
     counts = {name: data.class_counts(source, parts) for name, source, parts in (
         ('train', labels, train), ('val', labels, val), ('test', cifar['test_y'], test))}
     return [{'client': i, 'train_indices': tr.tolist(), 'val_indices': va.tolist(),
@@ -652,39 +657,57 @@ def improves(run, row):
     return row[SELECTION] > run['best']
 
 
-def save_best(cfg, folder, row, client_entries, global_model):
-    """best.pt: every client's quantized model (best_client_entry, none for fedavg and
-    fedavg_ft) and the global model, at the round whose SELECTION is the best so far."""
-    runtime.save_torch(os.path.join(folder, 'best.pt'), {
+def best_file(cfg, folder, row, client_entries, global_model):
+    """{path: bytes} of best.pt: every client's quantized model (best_client_entry, none for
+    fedavg and fedavg_ft) and the global model, at the round whose SELECTION is the best so
+    far."""
+    return {os.path.join(folder, 'best.pt'): runtime.torch_bytes({
         'config': cfg, 'round': row['round'], 'metrics': row, 'selected_on': SELECTION,
         'clients': client_entries,
         'global': None if global_model is None else {
             'arch': cfg['global_arch'],
-            'state_dict': {k: v.cpu() for k, v in global_model.state_dict().items()}}})
+            'state_dict': {k: v.cpu() for k, v in global_model.state_dict().items()}}})}
 
 
-def save_last(cfg, folder, rows, clients, global_model, sampler, best):
-    """Everything a resumed run needs (`clients`: each client's saved_client_state, or None
-    when the clients keep their states themselves), written after best.pt and before the
-    logs."""
-    runtime.save_torch(os.path.join(folder, 'last.pt'), {
+def last_file(cfg, folder, rows, clients, global_model, sampler, best, fingerprint):
+    """{path: bytes} of last.pt: everything a resumed run needs (`clients`: each client's
+    saved_client_state, or None when the clients keep their states themselves)."""
+    return {os.path.join(folder, 'last.pt'): runtime.torch_bytes({
         'config': cfg, 'round': len(rows), 'rows': rows, 'clients': clients,
         'global': None if global_model is None else global_model.state_dict(),
-        **runtime.rng_states(sampler), 'best': best})
+        **runtime.rng_states(sampler), 'best': best, 'data_fingerprint': fingerprint})}
+
+
+def write_checkpoints(cfg, folder, rows, files):
+    """best.pt (when the round improved) and last.pt, all written or none, before the logs;
+    the one place every engine writes them."""
+    runtime.write_together(files)
+
+
+def resume_hint(folder):
+    return f"python {SCRIPT} --resume={folder}"
 
 
 def load_client_model(path, client, device='cpu'):
     """Client `client`'s quantized personalised model from a best.pt, ready (eval mode), and
     {'round', 'metrics', 'config', 'arch', 'bits', 'centers'}. For fedavg and fedavg_ft, whose
     clients have no model of their own, the global model."""
+    if isinstance(client, bool) or not isinstance(client, int):
+        raise ValueError(f"client={client!r}: give a client's index as an int, e.g. client=3.")
     checkpoint = resnet.read_checkpoint(path)
+    if isinstance(checkpoint, dict) and 'rows' in checkpoint and 'clients' in checkpoint:
+        raise resnet.CheckpointError(
+            f"{path} is a federated run's last.pt, which keeps the clients' training states: "
+            f"pass its best.pt, or pack the clients' quantized models of last.pt with: python "
+            f"export.py {path}")
     if not isinstance(checkpoint, dict) or not {'clients', 'global', 'round'} <= set(checkpoint):
         raise resnet.CheckpointError(f"{path} is not a best.pt of main_federated.py (it lacks "
                                      f"'clients', 'global' or 'round').")
+    n_clients = checkpoint['config']['n_clients']
+    if not 0 <= client < n_clients:
+        raise resnet.CheckpointError(f"{path} is a run of {n_clients} clients, 0 to "
+                                     f"{n_clients - 1}: there is no client {client}.")
     entries = checkpoint['clients']
-    if entries and not 0 <= client < len(entries):
-        raise resnet.CheckpointError(f"{path} holds clients 0 to {len(entries) - 1}, not "
-                                     f"{client}.")
     entry = entries[client] if entries else {**checkpoint['global'], 'bits': 0, 'centers': None}
     model = resnet.build(entry['arch'])
     model.load_state_dict(entry['state_dict'])

@@ -319,12 +319,16 @@ def flower_round(grid, cfg, run, rnd):
 
 
 def save(cfg, run, rows):
-    row = rows[-1]
+    """best.pt when the round improves on the validation accuracy, and last.pt (without the
+    clients' states, which the clients keep)."""
+    row, files = rows[-1], {}
     if federated.improves(run, row):
         run['best'] = row[federated.SELECTION]
-        federated.save_best(cfg, run['folder'], row, run['best_entries'], run['global_model'])
-    federated.save_last(cfg, run['folder'], rows, None, run['global_model'], run['sampler'],
-                        run['best'])
+        files.update(federated.best_file(cfg, run['folder'], row, run['best_entries'],
+                                         run['global_model']))
+    files.update(federated.last_file(cfg, run['folder'], rows, None, run['global_model'],
+                                     run['sampler'], run['best'], None))
+    federated.write_checkpoints(cfg, run['folder'], rows, files)
 
 
 def serve(grid, context):
@@ -334,18 +338,31 @@ def serve(grid, context):
     for key in ('data_root', 'results_dir', 'resume', 'pretrained_path'):
         cfg[key] = resolve(cfg[key])
     if cfg['resume']:
-        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE)
+        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE,
+                                              'rounds', 'flower_app.py')
         cfg = {**pyproject_defaults(), **cfg}
+        if checkpoint is not None:
+            runtime.check_not_shorter(checkpoint['round'], cfg['rounds'], 'rounds', 'round',
+                                      cfg['resume'])
     dev = torch.device('cpu')  # the server only averages
     runtime.seed_everything(cfg['seed'], dev)
+    folder = cfg['resume'] or runtime.new_run_folder(
+        cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg), resume_hint)
+    with runtime.locked(folder):
+        return serve_in(grid, cfg, checkpoint, folder, dev)
+
+
+def resume_hint(folder):
+    return f"flwr run . --run-config \"resume='{folder}'\""
+
+
+def serve_in(grid, cfg, checkpoint, folder, dev):
+    """The rounds, in the (locked) run folder."""
     if checkpoint is None:
-        folder = cfg['resume'] or runtime.new_run_folder(
-            cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg),
-            'flwr run . --run-config')
         cfg['run_name'] = os.path.basename(os.path.normpath(folder))
         rows = []
     else:
-        folder, rows = cfg['resume'], checkpoint['rows']
+        rows = checkpoint['rows']
     run = {'folder': folder, 'global_model': federated.new_global_model(cfg, dev),
            'sampler': torch.Generator().manual_seed(cfg['seed']), 'best': -1.0,
            'best_entries': []}
@@ -362,7 +379,7 @@ def serve(grid, context):
     runtime.write_json(os.path.join(folder, 'partition.json'), parts)
     runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: flower_round(grid, cfg, run, rnd),
                        lambda rows: save(cfg, run, rows), federated.round_line(cfg), 'round',
-                       f"flwr run . --run-config \"resume='{folder}'\" (Flower)")
+                       resume_hint)
     return folder
 
 
@@ -371,8 +388,8 @@ def main(grid: Grid, context: Context) -> None:
     """serve(), with a bad configuration or a missing client ended by one paragraph."""
     try:
         folder = serve(grid, context)
-    except (runtime.ConfigError, runtime.Diverged, resnet.CheckpointError, data.DataError,
-            data.PartitionError) as e:
+    except (runtime.ConfigError, runtime.Diverged, runtime.OutputError, resnet.CheckpointError,
+            data.DataError, data.PartitionError) as e:
         print(f"error: {e}")
         raise SystemExit(2) from None
     print(f"done: outputs in {folder}")

@@ -66,7 +66,7 @@ PUBLISHED = {
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrained')
 LOGS = {'test.txt': 'test_acc', 'train.txt': 'train_acc', 'q_testacc.txt': 'q_test_acc',
         'q_trainloss.txt': 'q_train_loss'}  # the reference's four logs, as JSON lists
-RESUMABLE = {'EPOCHS', 'fp_epochs', 'device', 'resume'}  # may change when a run is resumed
+RESUMABLE = {'EPOCHS', 'fp_epochs', 'device', 'resume', 'data_root'}  # may change on resume
 SCRIPT = 'main_centralized.py'
 ConfigError = runtime.ConfigError
 
@@ -97,6 +97,7 @@ def check_config(cfg):
     if cfg['freeze_epoch'] < 1:
         problems.append(f"freeze_epoch={cfg['freeze_epoch']}: must be at least 1 (beyond "
                         f"EPOCHS means never)")
+    problems += runtime.common_problems(cfg)
     if problems:
         raise ConfigError('; '.join(problems) + '. Fix these hyperparameters and run again.')
 
@@ -183,7 +184,13 @@ def load_model(path, device='cpu'):
     checkpoint = resnet.read_checkpoint(path)  # reports a missing or damaged file
     if packing.is_packed(checkpoint):
         model, info = packing.load_packed(path, device)
-        return model, {**info, **info['source']}
+        source = info['source']
+        return model, {**info, **source, 'metrics': {'q_test_acc': source.get('q_test_acc')}}
+    if isinstance(checkpoint, dict) and 'clients' in checkpoint:
+        raise resnet.CheckpointError(
+            f"{path} is a federated run's checkpoint, with one model per client: load a "
+            f"client's with federated.load_client_model('{path}', client), or pack them with "
+            f"python export.py {path}")
     state = resnet.read_state_dict(path)  # reports a file that holds no state_dict
     info = {k: checkpoint[k] for k in ('config', 'epoch', 'metrics')
             if isinstance(checkpoint, dict) and k in checkpoint}
@@ -216,9 +223,10 @@ def default_run_name(cfg):
 
 
 def best_checkpoint(cfg, state, row, state_dict, quantized):
-    return {'state_dict': state_dict, 'centers': state['centers'].cpu(), 'config': cfg,
-            'epoch': row['epoch'], 'metrics': row, 'quantized': quantized,
-            'quantized_names': state['weights'].names}
+    return {'state_dict': state_dict,
+            'centers': None if state['centers'] is None else state['centers'].cpu(),
+            'config': cfg, 'epoch': row['epoch'], 'metrics': row, 'quantized': quantized,
+            'quantized_names': None if state['weights'] is None else state['weights'].names}
 
 
 def selection_split(cfg):
@@ -226,48 +234,57 @@ def selection_split(cfg):
     return 'val' if cfg['val_fraction'] > 0 else 'test'
 
 
-def save_bests(cfg, state, folder, row):
-    """best_fp.pt and best_quantized.pt when their validation accuracy (test accuracy with
-    val_fraction 0, as in the reference) improves, strictly; with fp=True and save_pretrained,
-    the best model's bare state_dict too."""
-    split = selection_split(cfg)
+def best_files(cfg, state, folder, row):
+    """{path: bytes} of best_fp.pt and best_quantized.pt (none for fp=True) when their
+    validation accuracy (test accuracy with val_fraction 0, as in the reference) improves,
+    strictly; with fp=True and save_pretrained, the best model's bare state_dict too."""
+    split, files = selection_split(cfg), {}
+    model_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
     if row[f'{split}_acc'] > state['best_acc']:
         state['best_acc'] = row[f'{split}_acc']
-        model_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
-        runtime.save_torch(os.path.join(folder, 'best_fp.pt'),
-                           best_checkpoint(cfg, state, row, model_state, quantized=False))
+        files[os.path.join(folder, 'best_fp.pt')] = runtime.torch_bytes(
+            best_checkpoint(cfg, state, row, model_state, quantized=False))
         if cfg['fp'] and cfg['save_pretrained']:
             os.makedirs(os.path.dirname(os.path.abspath(cfg['pretrained_path'])), exist_ok=True)
-            runtime.save_torch(cfg['pretrained_path'], model_state)
-    if row[f'q_{split}_acc'] > state['best_q_acc']:
+            files[cfg['pretrained_path']] = runtime.torch_bytes(model_state)
+    if not cfg['fp'] and row[f'q_{split}_acc'] > state['best_q_acc']:
         state['best_q_acc'] = row[f'q_{split}_acc']
-        q_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
-        q_state.update({k: v.cpu() for k, v in
-                        utils.quantized_state(state['weights'], state['centers'],
-                                              cfg['l1']).items()})
-        runtime.save_torch(os.path.join(folder, 'best_quantized.pt'),
-                           best_checkpoint(cfg, state, row, q_state, quantized=True))
+        q_state = {**model_state, **{k: v.cpu() for k, v in utils.quantized_state(
+            state['weights'], state['centers'], cfg['l1']).items()}}
+        files[os.path.join(folder, 'best_quantized.pt')] = runtime.torch_bytes(
+            best_checkpoint(cfg, state, row, q_state, quantized=True))
+    return files
 
 
-def save_last(cfg, state, folder, rows):
-    """Everything a resumed run needs: written after the epoch's best checkpoints and before
-    its logs, so that what a run shows is never ahead of what --resume continues from."""
-    runtime.save_torch(os.path.join(folder, 'last.pt'), {
-        'config': cfg, 'epoch': len(rows), 'rows': rows, **training.saved_state(state),
-        'quantized_names': state['weights'].names,
-        **runtime.rng_states(state['generator']),
-        'best_acc': state['best_acc'], 'best_q_acc': state['best_q_acc'],
-        # for inspection only: a resumed run recomputes it from the epoch
-        'schedule': schedule(cfg, len(rows)) if len(rows) < total_epochs(cfg) else None})
+def last_checkpoint(cfg, state, rows, fingerprint):
+    """Everything a resumed run needs."""
+    return {'config': cfg, 'epoch': len(rows), 'rows': rows, **training.saved_state(state),
+            'quantized_names': None if state['weights'] is None else state['weights'].names,
+            **runtime.rng_states(state['generator']),
+            'best_acc': state['best_acc'], 'best_q_acc': state['best_q_acc'],
+            'data_fingerprint': fingerprint,
+            # for inspection only: a resumed run recomputes it from the epoch
+            'schedule': schedule(cfg, len(rows)) if len(rows) < total_epochs(cfg) else None}
+
+
+def save(cfg, state, folder, rows, fingerprint):
+    """The epoch's best checkpoints and last.pt, all written or none (a full disk leaves the
+    previous epoch's files as they were); then come the logs, so that what a run shows is never
+    ahead of what --resume continues from."""
+    files = best_files(cfg, state, folder, rows[-1])
+    files[os.path.join(folder, 'last.pt')] = runtime.torch_bytes(
+        last_checkpoint(cfg, state, rows, fingerprint))
+    runtime.write_together(files)
 
 
 def epoch_line(row, epochs, left):
     """The stdout line of an epoch."""
+    quantized = ('' if 'q_test_acc' not in row else
+                 f" | quantized test {row['q_test_acc']:.4f} loss {row['q_train_loss']:.3g}"
+                 f" | lambda {row['lambda']:.1e} lr2 {row['lr2']:.1e}")
     return (f"epoch {row['epoch']:3d}/{epochs} | train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f} | test acc {row['test_acc']:.4f} | quantized test acc "
-            f"{row['q_test_acc']:.4f} train loss {row['q_train_loss']:.4f} | lambda "
-            f"{row['lambda']:.1e} lr1 {row['lr1']:.0e} lr2 {row['lr2']:.0e} | "
-            f"{row['train_seconds']:.1f}s + {row['eval_seconds']:.1f}s | {left}")
+            f"acc {row['train_acc']:.4f} | test {row['test_acc']:.4f}{quantized} | "
+            f"train {row['train_seconds']:.1f}s eval {row['eval_seconds']:.1f}s | {left}")
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -282,8 +299,8 @@ def initial_state(cfg, dev):
         model, cfg['adam'] and not cfg['fp'], cfg['weight_decay'], cfg['lr_milestones'])
     generator = runtime.device_generator(cfg['seed'], dev)
     try:
-        state = training.new_state(model, cfg['n_centroids'], optimizer, scheduler, generator,
-                                   adam_centers=cfg['adam'], l1=cfg['l1'])
+        state = training.new_state(model, 0 if cfg['fp'] else cfg['n_centroids'], optimizer,
+                                   scheduler, generator, adam_centers=cfg['adam'], l1=cfg['l1'])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return {**state, 'best_acc': 0.0, 'best_q_acc': 0.0}
@@ -298,19 +315,43 @@ def resumed_state(cfg, dev, checkpoint):
     return state
 
 
+QUANTIZED_KEYS = ('q_test_acc', 'q_val_acc', 'q_train_loss', 'lambda', 'lambda2', 'lr2', 'frozen',
+                  'centers', 'members')  # what a full-precision run's rows leave out
+
+
 def run_epoch(cfg, state, cifar, epoch):
     """Train and evaluate 0-based `epoch`; returns its metrics row."""
-    return {'epoch': epoch + 1, **training.run_epoch(
+    row = {'epoch': epoch + 1, **training.run_epoch(
         state, cifar, schedule(cfg, epoch), cfg['BATCH_SIZE'], cfg['center_reg_fix'],
-        update=not cfg['fp'])}
+        update=not cfg['fp'], progress=f"epoch {epoch + 1}")}
+    return {k: v for k, v in row.items() if k not in QUANTIZED_KEYS} if cfg['fp'] else row
+
+
+def logs(cfg):
+    return {k: v for k, v in LOGS.items() if not cfg['fp'] or not v.startswith('q_')}
+
+
+def resume_hint(folder):
+    return f"python {SCRIPT} --resume={folder}"
+
+
+QUIRK_5 = ("note: until the freeze (epoch {freeze}) the quantized model Q_c(x) runs with the "
+           "full-precision model's BatchNorm statistics, as the authors evaluate it, so its "
+           "accuracy stays near chance and its training loss can be huge (ALGORITHM.md, quirk "
+           "5).")
 
 
 def train(cfg, overrides):
     """A new run, or the continuation of cfg['resume']; returns the run folder."""
     checkpoint = None
     if cfg['resume']:
-        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE)
+        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE, 'EPOCHS',
+                                              SCRIPT)
         cfg = {**DEFAULTS, **cfg}  # a run saved before a hyperparameter existed has its default
+        if checkpoint is not None:
+            runtime.check_not_shorter(checkpoint['epoch'], total_epochs(cfg),
+                                      'fp_epochs' if cfg['fp'] else 'EPOCHS', 'epoch',
+                                      cfg['resume'])
     elif cfg['fp'] and cfg['save_pretrained'] and os.path.exists(cfg['pretrained_path']):
         raise ConfigError(f"save_pretrained would overwrite {cfg['pretrained_path']}: move "
                           f"that file or choose another --pretrained_path.")
@@ -319,35 +360,46 @@ def train(cfg, overrides):
     print(f"device: {runtime.describe_device(dev)}")
     cifar = data.with_validation(data.load_cifar10(cfg['data_root'], dev), cfg['val_fraction'],
                                  cfg['seed'])
+    fingerprint = data.fingerprint(cfg['data_root'])
+    runtime.check_data(checkpoint, fingerprint, cfg['data_root'])
     check_trainable_batches(cfg['BATCH_SIZE'], cifar['train_y'].shape[0])
     held_out = (f" ({cifar['val_y'].shape[0]} more held out for validation)"
                 if cfg['val_fraction'] else '')
     print(f"data: {cifar['train_y'].shape[0]} training{held_out} and {cifar['test_y'].shape[0]} "
           f"test images from {data.batches_folder(cfg['data_root'])}")
+    state = None
     if checkpoint is None:
         state = initial_state(cfg, dev)
         folder = cfg['resume'] or runtime.new_run_folder(
-            cfg['results_dir'], cfg['run_name'] or default_run_name(cfg), SCRIPT)
+            cfg['results_dir'], cfg['run_name'] or default_run_name(cfg), resume_hint)
+    else:
+        folder = cfg['resume']
+    with runtime.locked(folder):
+        return train_in(cfg, checkpoint, folder, state, cifar, dev, fingerprint)
+
+
+def train_in(cfg, checkpoint, folder, state, cifar, dev, fingerprint):
+    """The run in its (locked) folder."""
+    if checkpoint is None:
         cfg['run_name'] = os.path.basename(os.path.normpath(folder))
         rows = []
     else:
         state = resumed_state(cfg, dev, checkpoint)
-        folder = cfg['resume']
         rows = checkpoint['rows']
-        runtime.write_rows(folder, rows, LOGS)  # logs a kill left behind last.pt catch up
+        runtime.write_rows(folder, rows, logs(cfg))  # logs a kill left behind last.pt catch up
         print(f"resuming {folder} after epoch {len(rows)}")
     print('config: ' + json.dumps(cfg))
+    if not cfg['fp']:
+        print(QUIRK_5.format(freeze=cfg['freeze_epoch']))
     runtime.write_json(os.path.join(folder, 'config.json'), cfg)
-
-    def save(rows):
-        save_bests(cfg, state, folder, rows[-1])
-        save_last(cfg, state, folder, rows)
     runtime.train_loop(folder, rows, total_epochs(cfg),
-                       lambda epoch: run_epoch(cfg, state, cifar, epoch), save, epoch_line,
-                       'epoch', SCRIPT, LOGS)
+                       lambda epoch: run_epoch(cfg, state, cifar, epoch),
+                       lambda rows: save(cfg, state, folder, rows, fingerprint), epoch_line,
+                       'epoch', resume_hint, logs(cfg))
     split = {'val': 'validation', 'test': 'test'}[selection_split(cfg)]
-    print(f"done: best {split} accuracy {state['best_acc']:.4f} (full precision), "
-          f"{state['best_q_acc']:.4f} (quantized); outputs in {folder}")
+    quantized = '' if cfg['fp'] else f", {state['best_q_acc']:.4f} (quantized)"
+    print(f"done: best {split} accuracy {state['best_acc']:.4f} (full precision){quantized}; "
+          f"outputs in {folder}")
     return folder
 
 
@@ -363,7 +415,8 @@ def main(argv=None):
     (exit status 2), Ctrl-C with the command that continues it (exit status 130), and every
     file already written stays as it was."""
     return runtime.run_guarded(run, sys.argv[1:] if argv is None else argv,
-                               (resnet.CheckpointError, data.DataError))
+                               (resnet.CheckpointError, data.DataError),
+                               lambda: runtime.usage(__file__, DEFAULTS))
 
 
 if __name__ == '__main__':

@@ -82,6 +82,7 @@ SCRIPT = federated.SCRIPT
 
 def start(cfg, dev):
     """The run's data, clients, global model and sampler, as a round needs them."""
+    runtime.seed_everything(cfg['seed'], dev)
     cifar = data.load_cifar10(cfg['data_root'], dev)
     parts = federated.make_partition(cfg, cifar)
     print(f"data: {federated.describe_partition(parts)} ({cfg['partition']}), from "
@@ -93,7 +94,8 @@ def start(cfg, dev):
                    'datasets': [federated.client_dataset(cifar, part) for part in parts],
                    'global_copy': None if global_model is None else
                    resnet.build(cfg['global_arch']).to(dev),
-                   'sampler': torch.Generator().manual_seed(cfg['seed']), 'best': -1.0}
+                   'sampler': torch.Generator().manual_seed(cfg['seed']), 'best': -1.0,
+                   'fingerprint': data.fingerprint(cfg['data_root'])}
 
 
 def run_round(cfg, run, rnd):
@@ -103,7 +105,7 @@ def run_round(cfg, run, rnd):
     global_state = None if global_model is None else federated.model_state(global_model)
     begin = time.perf_counter()
     replies, trained = [], {}
-    for client in sampled:
+    for client in runtime.progress(sampled, len(sampled), f"round {rnd + 1}", 'clients trained'):
         new_state, weight, trained[client] = federated.client_round(
             cfg, client, clients[client], global_state, run['global_copy'], datasets[client], rnd)
         if new_state is not None:
@@ -121,20 +123,25 @@ def run_round(cfg, run, rnd):
 
 
 def save(cfg, run, folder, rows):
-    """best.pt when the round improves on the validation accuracy, then last.pt."""
-    row = rows[-1]
+    """best.pt when the round improves on the validation accuracy, and last.pt."""
+    row, files = rows[-1], {}
     if federated.improves(run, row):
         run['best'] = row[federated.SELECTION]
         entries = ([federated.best_client_entry(cfg, client, state)
                     for client, state in enumerate(run['clients'])]
                    if cfg['algorithm'] in federated.PERSONALISED else [])
-        federated.save_best(cfg, folder, row, entries, run['global_model'])
-    federated.save_last(cfg, folder, rows,
-                        [federated.saved_client_state(state) for state in run['clients']],
-                        run['global_model'], run['sampler'], run['best'])
+        files.update(federated.best_file(cfg, folder, row, entries, run['global_model']))
+    files.update(federated.last_file(
+        cfg, folder, rows, [federated.saved_client_state(state) for state in run['clients']],
+        run['global_model'], run['sampler'], run['best'], run['fingerprint']))
+    federated.write_checkpoints(cfg, folder, rows, files)
 
 
-def restore(run, checkpoint):
+def restore(run, checkpoint, folder):
+    if checkpoint['clients'] is None:
+        raise runtime.ConfigError(
+            f"{folder} was trained on Flower, whose clients keep their own states: continue it "
+            f"there, with: flwr run . --run-config \"resume='{folder}'\"")
     for state, saved in zip(run['clients'], checkpoint['clients']):
         federated.load_client_state(state, saved)
     if run['global_model'] is not None:
@@ -154,29 +161,35 @@ def train(cfg, overrides):
     """A new federated run, or the continuation of cfg['resume']; returns the run folder."""
     checkpoint = None
     if cfg['resume']:
-        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE)
+        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE,
+                                              'rounds', SCRIPT)
         cfg = {**DEFAULTS, **cfg}  # a run saved before a hyperparameter existed has its default
+        if checkpoint is not None:
+            runtime.check_not_shorter(checkpoint['round'], cfg['rounds'], 'rounds', 'round',
+                                      cfg['resume'])
     dev = runtime.select_device(cfg['device'])
     runtime.prepare_device(dev, cfg['tf32'])
     print(f"device: {runtime.describe_device(dev)}")
     parts, run = start(cfg, dev)
-    if checkpoint is None:
-        folder = cfg['resume'] or runtime.new_run_folder(
-            cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg), SCRIPT)
-        cfg['run_name'] = os.path.basename(os.path.normpath(folder))
-        rows = []
-    else:
-        folder = cfg['resume']
-        restore(run, checkpoint)
-        rows = checkpoint['rows']
-        runtime.write_rows(folder, rows)  # a log a kill left behind last.pt catches up
-        print(f"resuming {folder} after round {len(rows)}")
-    print('config: ' + json.dumps(cfg))
-    runtime.write_json(os.path.join(folder, 'config.json'), cfg)
-    runtime.write_json(os.path.join(folder, 'partition.json'), parts)
-    runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: run_round(cfg, run, rnd),
-                       lambda rows: save(cfg, run, folder, rows), federated.round_line(cfg),
-                       'round', SCRIPT)
+    runtime.check_data(checkpoint, run['fingerprint'], cfg['data_root'])
+    folder = cfg['resume'] or runtime.new_run_folder(
+        cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg),
+        federated.resume_hint)
+    with runtime.locked(folder):
+        if checkpoint is None:
+            cfg['run_name'] = os.path.basename(os.path.normpath(folder))
+            rows = []
+        else:
+            restore(run, checkpoint, folder)
+            rows = checkpoint['rows']
+            runtime.write_rows(folder, rows)  # a log a kill left behind last.pt catches up
+            print(f"resuming {folder} after round {len(rows)}")
+        print('config: ' + json.dumps(cfg))
+        runtime.write_json(os.path.join(folder, 'config.json'), cfg)
+        runtime.write_json(os.path.join(folder, 'partition.json'), parts)
+        runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: run_round(cfg, run, rnd),
+                           lambda rows: save(cfg, run, folder, rows), federated.round_line(cfg),
+                           'round', federated.resume_hint)
     print(final_line(rows, folder))
     return folder
 
@@ -187,7 +200,8 @@ def main(argv=None):
     130), and every file already written stays as it was."""
     return runtime.run_guarded(lambda args: train(*federated.make_config(DEFAULTS, args)),
                                sys.argv[1:] if argv is None else argv,
-                               (resnet.CheckpointError, data.DataError, data.PartitionError))
+                               (resnet.CheckpointError, data.DataError, data.PartitionError),
+                               lambda: runtime.usage(__file__, DEFAULTS))
 
 
 if __name__ == '__main__':

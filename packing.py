@@ -11,6 +11,8 @@ container's overhead near a kilobyte.
 This module knows the file format, not the algorithm: the caller hands it each quantized
 layer's center indices.
 """
+import hashlib
+import json
 import math
 import os
 
@@ -18,7 +20,7 @@ import torch
 
 import resnet
 
-FORMAT, VERSION = 'quped-packed', 1
+FORMAT, VERSION = 'quped-packed', 2  # 2: with a SHA-256 of the contents
 
 
 def index_bits(n_centroids):
@@ -67,12 +69,21 @@ def pack(arch, state_dict, indices, centers, source=None):
     packed_indices = pack_bits(flat, bits)
     floats = [float_bytes(state_dict[name]) for name in keys
               if name not in indices and state_dict[name].is_floating_point()]
-    return {'format': FORMAT, 'version': VERSION, 'arch': arch, 'n_centroids': n, 'bits': bits,
-            'quantized': [keys.index(name) for name in indices],
-            'integers': [state_dict[name].item() for name in keys
-                         if not state_dict[name].is_floating_point()],
-            'source': source or {}, 'blob': torch.cat([packed_indices, float_bytes(centers),
-                                                        *floats])}
+    obj = {'format': FORMAT, 'version': VERSION, 'arch': arch, 'n_centroids': n, 'bits': bits,
+           'quantized': [keys.index(name) for name in indices],
+           'integers': [state_dict[name].item() for name in keys
+                        if not state_dict[name].is_floating_point()],
+           'source': source or {}, 'blob': torch.cat([packed_indices, float_bytes(centers),
+                                                       *floats])}
+    return {**obj, 'sha256': digest(obj)}
+
+
+def digest(obj):
+    """SHA-256 of everything in the file but the digest: the metadata, as JSON, and the blob."""
+    metadata = {k: v for k, v in obj.items() if k not in ('blob', 'sha256')}
+    hasher = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    hasher.update(obj['blob'].numpy().tobytes())
+    return hasher.hexdigest()
 
 
 def is_packed(obj):
@@ -100,6 +111,9 @@ def unpack(obj, path='<packed>'):
     try:
         if obj.get('version') != VERSION:
             raise ValueError(f"version {obj.get('version')!r}, this code reads {VERSION}")
+        if not torch.is_tensor(obj.get('blob')) or obj.get('sha256') != digest(obj):
+            raise ValueError("its SHA-256 does not match its contents: it was altered or "
+                             "truncated")
         entries = layout(obj['arch'])
         n, bits, blob, rows = obj['n_centroids'], obj['bits'], obj['blob'], obj['quantized']
         weights, index_bytes, floats = data_sizes(obj, entries)

@@ -175,16 +175,25 @@ class CheckpointError(Exception):
 def read_checkpoint(path):
     """What `path` holds, loaded on the CPU without running code from it (weights_only)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is a folder, not a checkpoint: name a file in it, e.g. "
+                              f"{os.path.join(path, 'best_quantized.pt')} or "
+                              f"{os.path.join(path, 'best.pt')}.")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist: check the path, or leave "
                               f"pretrained_path at its default to download the authors' file.")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
+        if 'Weights only load failed' in str(e):
+            raise CheckpointError(
+                f"{path!r} holds Python objects beyond tensors and plain values, so it is not a "
+                f"checkpoint of this project, which never runs code from a file: pass a "
+                f"state_dict or one of the files the scripts write.") from None
         reason = str(e).splitlines()[0] if str(e) else ''
         raise CheckpointError(f"checkpoint {path!r} could not be read ({type(e).__name__}: "
                               f"{reason}); the file is damaged or not a PyTorch checkpoint: "
-                              f"delete it and download or re-create it.")
+                              f"delete it and download or re-create it.") from None
 
 
 def read_state_dict(path):

@@ -2,8 +2,10 @@
 defaults' types, run folders, atomic outputs and resume, random-number states, evaluation,
 Ctrl-C, the time estimate, device choice and the CPU allocator setting."""
 import ast
+import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import io
 import json
 import os
@@ -74,6 +76,8 @@ def parse_value(defaults, name, text):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
+        if isinstance(default, float) and text.strip().lower() in ('nan', 'inf', '-inf'):
+            value = float(text)  # a float, if not a usable one: the checks say why
     if isinstance(default, tuple) and isinstance(value, str) and ',' in text:
         value = tuple(v.strip() for v in text.strip('()[]').split(',') if v.strip())
     value = coerce(default, value)
@@ -83,6 +87,29 @@ def parse_value(defaults, name, text):
         raise ConfigError(f"--{name}={text} is not {describe_type(default)}: write it like the "
                           f"default, --{name}={example}.")
     return value
+
+
+def usage(path, defaults):
+    """The script's docstring and a table of its hyperparameters: name, default and the
+    comment beside it at the top of the script."""
+    with open(path) as f:
+        source = f.read()
+    comments, name = {}, None
+    for line in source.splitlines():
+        head, _, comment = line.partition('#')
+        key = head.split('=')[0].strip()
+        if '=' in head and key in defaults:
+            name = key
+            comments[name] = comment.strip()
+        elif name and not head.strip() and comment and line.startswith(' '):
+            comments[name] += ' ' + comment.strip()
+        else:
+            name = None
+    doc = ast.get_docstring(ast.parse(source)) or ''
+    width = max(map(len, defaults))
+    rows = [f"  --{k:<{width}} = {defaults[k]!r}\n      {comments.get(k, '')}" for k in defaults]
+    return (f"{doc}\n\nusage: python {os.path.basename(path)} [--name=value ...]\n\n"
+            f"hyperparameters (default, meaning):\n" + '\n'.join(rows))
 
 
 def parse_overrides(defaults, argv):
@@ -98,6 +125,28 @@ def parse_overrides(defaults, argv):
                               f"{', '.join(defaults)}.")
         overrides[name] = parse_value(defaults, name, text)
     return overrides
+
+
+MAX_SEED = 2 ** 62  # seeds are offset per client and model; torch takes them below 2**64
+
+
+def common_problems(cfg):
+    """What is wrong with the settings both scripts share: the data and results folders, the
+    run's name, the seed."""
+    problems = []
+    if not cfg['data_root']:
+        problems.append("data_root is empty: give the folder that holds (or will hold) "
+                        "cifar-10-batches-py/, e.g. --data_root=data")
+    try:
+        if cfg['run_name']:
+            check_run_name(cfg['results_dir'], cfg['run_name'])
+        elif not cfg['results_dir']:
+            check_run_name('', 'run')
+    except ConfigError as e:
+        problems.append(str(e).rstrip('.'))
+    if not 0 <= cfg['seed'] < MAX_SEED:
+        problems.append(f"seed={cfg['seed']}: give a seed from 0 to 2**62 - 1")
+    return problems
 
 
 # --- device, seeds, random states ------------------------------------------------------------
@@ -128,8 +177,10 @@ def select_device(requested):
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise ConfigError(f"device={requested!r} is not a device: use 'auto', 'cpu' or "
-                          f"'cuda'.") from None
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise ConfigError(f"device={requested!r} is not a device this code trains on: use "
+                          f"'auto', 'cpu', 'cuda' or 'cuda:N'.")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ConfigError(f"device={requested!r} was asked for but this machine has no usable "
                           f"CUDA GPU: use --device=cpu (or auto) to run on the CPU.")
@@ -210,28 +261,95 @@ def write_json(path, obj):
     write_atomic(path, (json.dumps(obj, indent=1) + '\n').encode())
 
 
-def save_torch(path, obj):
+def torch_bytes(obj):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def new_run_folder(results_dir, name, script):
-    """results_dir/name, created; a folder that already holds a run is never reused."""
+def save_torch(path, obj):
+    write_atomic(path, torch_bytes(obj))
+
+
+def write_together(files):
+    """Write {path: bytes} so that either all files change or none does, as far as a failure
+    while writing goes (a full disk, a read-only folder): every temporary file is written
+    before any is renamed into place."""
+    temporaries = {}
+    try:
+        for path, payload in files.items():
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.fspath(path)) or '.',
+                                       prefix='.tmp-')
+            temporaries[path] = tmp
+            os.chmod(tmp, 0o666 & ~current_umask())
+            with os.fdopen(fd, 'wb') as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp in temporaries.values():
+            os.unlink(tmp)
+        raise
+    for path, tmp in temporaries.items():
+        os.replace(tmp, path)
+
+
+def check_run_name(results_dir, name):
+    """A run folder's name is one path component, inside results_dir."""
+    if not results_dir:
+        raise ConfigError("results_dir is empty: give the folder that run folders go into, "
+                          "e.g. --results_dir=Results.")
+    if (not name or name in ('.', '..') or os.path.isabs(name) or '/' in name
+            or os.sep in name or (os.altsep and os.altsep in name)):
+        raise ConfigError(f"--run_name={name!r} is not a folder name: it must be one name, "
+                          f"without '/', '..' or a leading '/', so that the run stays inside "
+                          f"results_dir ({results_dir}).")
+
+
+def new_run_folder(results_dir, name, resume_hint):
+    """results_dir/name, created; a folder that already holds a run is never reused.
+    `resume_hint(folder)` is the command that continues a run."""
+    check_run_name(results_dir, name)
     folder = os.path.join(results_dir, name)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"{folder} is a file, not a run folder: choose another --run_name or "
                           f"--results_dir.")
     if os.path.isdir(folder) and os.listdir(folder):
         raise ConfigError(f"{folder} already holds a run; it is never overwritten. Choose another "
-                          f"--run_name, or continue that run with: python {script} "
-                          f"--resume={folder}")
+                          f"--run_name, or continue that run with: {resume_hint(folder)}")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the run folder {folder} ({e.strerror}): choose a "
                           f"writable --results_dir.") from None
     return folder
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """An exclusive lock on folder/.lock while the body runs (the operating system drops it if
+    the process dies): a second process that tries to train the same run folder is refused
+    instead of writing over it."""
+    path = os.path.join(folder, '.lock')
+    try:
+        handle = open(path, 'a+')
+    except OSError as e:
+        raise ConfigError(f"cannot write into {folder} ({e.strerror}): choose a writable "
+                          f"--results_dir.") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"another process is training {folder} (it holds {path}): wait "
+                              f"for it to end, or stop it, before running or resuming this "
+                              f"run.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def write_rows(folder, rows, lists=None):
@@ -244,10 +362,11 @@ def write_rows(folder, rows, lists=None):
                  ''.join(json.dumps(row) + '\n' for row in rows).encode())
 
 
-def read_resume(folder, overrides, resumable):
-    """(configuration, last.pt's contents or None) of the run in `folder`. A run stopped before
-    its first epoch ended has only config.json: it starts again from the beginning. Overrides
-    other than `resumable` must match the saved configuration."""
+def read_resume(folder, overrides, resumable, marker, script):
+    """(configuration, last.pt's contents or None) of the run in `folder`, a run of `script`
+    (its configuration has `marker`). A run stopped before its first epoch ended has only
+    config.json: it starts again from the beginning. Overrides other than `resumable` must
+    match the saved configuration."""
     path = os.path.join(folder, 'last.pt')
     config_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(path) and not os.path.isfile(config_path):
@@ -265,6 +384,10 @@ def read_resume(folder, overrides, resumable):
         raise ConfigError(f"{path if checkpoint is None and os.path.isfile(path) else config_path}"
                           f" cannot be read ({type(e).__name__}); it is damaged. Start a new run "
                           f"instead.") from None
+    if marker not in cfg:
+        other = 'main_federated.py' if 'rounds' in cfg else 'main_centralized.py'
+        raise ConfigError(f"--resume={folder}: that folder holds a run of {other}, not of "
+                          f"{script}; continue it with: python {other} --resume={folder}")
     changed = [f"{k} ({cfg.get(k)!r} -> {v!r})" for k, v in overrides.items()
                if k not in resumable and cfg.get(k) != v]
     if changed:
@@ -274,6 +397,22 @@ def read_resume(folder, overrides, resumable):
     cfg.update({k: v for k, v in overrides.items() if k in resumable})
     cfg['resume'] = folder
     return cfg, checkpoint
+
+
+def check_not_shorter(done, total, name, unit, folder):
+    """A resumed run may be extended, never shortened below what it has done."""
+    if total < done:
+        raise ConfigError(f"{folder} has completed {done} {unit}s; --{name}={total} would end it "
+                          f"before that. Give {name} of {done} or more (more extends the run).")
+
+
+def check_data(checkpoint, fingerprint, data_root):
+    """A resumed run may read its data from another data_root only if it is the same data."""
+    saved = checkpoint.get('data_fingerprint') if checkpoint else None
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(f"the data in {data_root} is not the data this run was trained on (its "
+                          f"batch files differ from those recorded in last.pt): point --data_root "
+                          f"at the run's data.")
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -324,18 +463,42 @@ class Clock:
 
 # --- running ---------------------------------------------------------------------------------
 
-def interrupted(folder, completed, unit, script):
-    """The one-line message for a Ctrl-C: what is kept and the command that continues."""
-    kept = (f"it keeps {unit}s 1-{completed}" if completed else f"no {unit} had ended yet")
-    return Interrupted(f"interrupted: {folder} {kept}; continue with: python {script} "
-                       f"--resume={folder}")
+def progress(items, total, label, unit):
+    """`items` as they come, with a one-line counter ("label: 120/390 unit") rewritten in place
+    on stderr at most twice a second, when `label` is given and stderr is a terminal; logs and
+    CI output stay clean."""
+    if not label or not sys.stderr.isatty():
+        yield from items
+        return
+    shown = 0.0
+    text = ''
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - shown > 0.5 or done == total:
+            text = f"{label}: {done}/{total} {unit}"
+            sys.stderr.write('\r' + text)
+            sys.stderr.flush()
+            shown = now
+    sys.stderr.write('\r' + ' ' * len(text) + '\r')
+    sys.stderr.flush()
 
 
-def train_loop(folder, rows, total, step, save, line, unit, script, lists=None):
+class OutputError(Exception):
+    """The run could not write its outputs; the message says what was kept and what to do."""
+
+
+def kept(folder, completed, unit):
+    return (f"{folder} keeps {unit}s 1-{completed}" if completed else
+            f"no {unit} had ended yet in {folder}")
+
+
+def train_loop(folder, rows, total, step, save, line, unit, resume_hint, lists=None):
     """Extend `rows` to `total` rows, row i being step(i). After each, save(rows) writes the
-    checkpoints (last.pt last of them), then the logs and the stdout line follow, so that what a
-    run shows is never ahead of what --resume continues from. Ctrl-C ends it with
-    `Interrupted`, a non-finite loss with `Diverged`; the last completed row's outputs stay."""
+    checkpoints (last.pt with them, all or none), then the logs and the stdout line follow, so
+    that what a run shows is never ahead of what --resume continues from. Ctrl-C ends it with
+    `Interrupted`, a non-finite loss with `Diverged`, a failed write (a full disk) with
+    `OutputError`; the last completed row's outputs stay."""
     saved, clock = len(rows), Clock()
     try:
         for i in range(len(rows), total):
@@ -353,14 +516,26 @@ def train_loop(folder, rows, total, step, save, line, unit, script, lists=None):
             clock.tick()
             print(line(row, total, clock.left(total - len(rows))), flush=True)
     except KeyboardInterrupt:
-        raise interrupted(folder, saved, unit, script) from None
+        raise Interrupted(f"interrupted: {kept(folder, saved, unit)}; continue with: "
+                          f"{resume_hint(folder)}") from None
+    except OSError as e:
+        raise OutputError(f"could not write the outputs of {unit} {saved + 1} ({e.strerror}: "
+                          f"{e.filename}); the run stopped and {kept(folder, saved, unit)}. Make "
+                          f"room or fix the folder's permissions, then continue with: "
+                          f"{resume_hint(folder)}") from None
     return rows
 
 
-def run_guarded(body, argv, errors):
+def run_guarded(body, argv, errors, help_text=None):
     """body(argv), ending a bad input or any of `errors` with a one-paragraph message (exit
     status 2), and a Ctrl-C with one line (exit status 130); every file already written stays as
-    it was."""
+    it was. --help (or -h) prints help_text() instead."""
+    if help_text is not None and any(arg in ('--help', '-h') for arg in argv):
+        try:
+            print(help_text(), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has gone, which is fine
+            sys.stdout = open(os.devnull, 'w')
+        return None
     try:
         return body(argv)
     except Interrupted as e:
@@ -369,6 +544,6 @@ def run_guarded(body, argv, errors):
     except KeyboardInterrupt:
         print("interrupted before the run began: nothing was written.", file=sys.stderr)
         raise SystemExit(INTERRUPTED)
-    except (ConfigError, Diverged, *errors) as e:
+    except (ConfigError, Diverged, OutputError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

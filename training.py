@@ -102,10 +102,12 @@ def start_epoch(state, sched):
         freeze_quantized_layers(state)
 
 
-def train_epoch(state, dataset, batch_size, sched, center_reg_fix=False, update=True):
+def train_epoch(state, dataset, batch_size, sched, center_reg_fix=False, update=True,
+                progress=None):
     """One epoch over dataset's training images, QuPeD's update after every optimizer step
     (unless `update` is False or the model is full precision). Returns (mean loss, accuracy,
-    the last batch's member counts, the weight learning rate)."""
+    the last batch's member counts, the weight learning rate). `progress` labels a counter of
+    the batches on a terminal."""
     model, optimizer = state['model'], state['optimizer']
     update = update and state['weights'] is not None
     lr1 = optimizer.param_groups[0]['lr']
@@ -114,7 +116,9 @@ def train_epoch(state, dataset, batch_size, sched, center_reg_fix=False, update=
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen, members = 0, None
-    for x, y in data.train_batches(dataset, batch_size, state['generator']):
+    batches = data.train_batches(dataset, batch_size, state['generator'])
+    total = data.batch_count(dataset['train_y'].shape[0], batch_size)
+    for x, y in runtime.progress(batches, total, progress, 'batches'):
         optimizer.zero_grad(set_to_none=True)
         out = model(x)
         loss = F.cross_entropy(out, y)
@@ -158,14 +162,15 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def run_epoch(state, dataset, sched, batch_size, center_reg_fix=False, update=True):
+def run_epoch(state, dataset, sched, batch_size, center_reg_fix=False, update=True,
+              progress=None):
     """Algorithm 1 for one epoch: train, evaluate; returns the epoch's metrics (without its
     number). Raises runtime.Diverged when the loss or the centers are no longer finite."""
     start_epoch(state, sched)
     device = dataset['train_y'].device
     start = time.perf_counter()
     train_loss, train_acc, members, lr1 = train_epoch(state, dataset, batch_size, sched,
-                                                      center_reg_fix, update)
+                                                      center_reg_fix, update, progress)
     synchronize(device)
     trained = time.perf_counter()
     row = {'train_loss': train_loss, 'train_acc': train_acc, **evaluate_state(state, dataset)}

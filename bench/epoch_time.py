@@ -44,7 +44,21 @@ def main():
     cfg = {**main_centralized.DEFAULTS, 'device': args.device,
            'data_root': args.data, 'pretrained_path': args.pretrained or
            main_centralized.default_pretrained_path(main_centralized.DEFAULTS['resn'])}
-    device = runtime.select_device(cfg['device'])
+    folder = data.batches_folder(args.data)
+    missing = [name for name in data.TRAIN_FILES + data.TEST_FILES
+               if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        parser.error(f"--data={args.data} holds no complete CIFAR-10 batches ({', '.join(missing)} "
+                     f"missing in {folder}): point --data at a folder that holds "
+                     f"cifar-10-batches-py/, e.g. --data=../shared/data/cifar10-mini --tile.")
+    if not os.path.isfile(cfg['pretrained_path']):
+        parser.error(f"the warm start {cfg['pretrained_path']} is missing: pass --pretrained=PATH "
+                     f"(e.g. ../shared/reference/pretrained/resnet20_fp_fpinit.pt), or run "
+                     f"main_centralized.py once to download it.")
+    try:
+        device = runtime.select_device(cfg['device'])
+    except runtime.ConfigError as e:
+        parser.error(f"--device={args.device}: {e}")
     runtime.prepare_device(device, cfg['tf32'])
     cifar = data.load_cifar10(cfg['data_root'], device)
     if args.tile:

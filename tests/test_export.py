@@ -12,6 +12,7 @@ import torch
 import data
 import export
 import main_centralized as mc
+import federated
 import main_federated as mf
 import packing
 import plot
@@ -155,7 +156,7 @@ def test_federated_clients_export_one_file_each(cifar_root, tmp_path, capsys):
     x = torch.randn(8, 3, 32, 32)
     for client in (0, 2):
         packed, _ = packing.load_packed(f'{path}.client{client}.packed')
-        original, _ = mf.load_client_model(path, client)
+        original, _ = federated.load_client_model(path, client)
         with torch.no_grad():
             assert torch.equal(packed(x), original(x))
 

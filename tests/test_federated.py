@@ -385,7 +385,8 @@ def test_a_run_writes_its_partition_metrics_and_a_best_chosen_on_validation(cifa
     folder = mf.main(fed_args(cifar_root, tmp_path, '--client_bits=(1,0,2)', '--rounds=3'))
     out = capsys.readouterr().out
     assert out.count('round ') >= 3 and 'personalised quantized acc val' in out
-    assert sorted(os.listdir(folder)) == ['best.pt', 'config.json', 'last.pt', 'metrics.jsonl',
+    assert sorted(os.listdir(folder)) == ['.lock', 'best.pt', 'config.json', 'last.pt',
+                                          'metrics.jsonl',
                                           'partition.json']
     with open(os.path.join(folder, 'partition.json')) as f:
         parts = json.load(f)
@@ -482,14 +483,14 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
     args = ('--rounds=3', f'--algorithm={algorithm}', '--client_fraction=0.75',
             '--freeze_round=2', f'--device={device}', '--client_archs=(resnet8,)', *extra)
     whole = mf.main(fed_args(cifar_root, tmp_path, *args, name='whole'))
-    real_save_last = federated.save_last
+    real_write = federated.write_checkpoints
 
     def killed_after_round_1(cfg, folder, rows_so_far, *rest):
-        real_save_last(cfg, folder, rows_so_far, *rest)
+        real_write(cfg, folder, rows_so_far, *rest)
         if len(rows_so_far) == 1:
             raise Killed
     with monkeypatch.context() as patch:
-        patch.setattr(federated, 'save_last', killed_after_round_1)
+        patch.setattr(federated, 'write_checkpoints', killed_after_round_1)
         with pytest.raises(Killed):
             mf.main(fed_args(cifar_root, tmp_path, *args, name='killed'))
     folder = tmp_path / 'results' / 'killed'

@@ -132,14 +132,14 @@ class Killed(BaseException):
 def test_a_flower_run_killed_after_round_1_and_resumed_equals_an_uninterrupted_one(
         cifar_root, tmp_path, monkeypatch):
     config = run_config(cifar_root, tmp_path, 'killed', rounds=3, client_fraction=0.67)
-    real_save_last = federated.save_last
+    real_write = federated.write_checkpoints
 
     def killed_after_round_1(cfg, folder, rows_so_far, *rest):
-        real_save_last(cfg, folder, rows_so_far, *rest)
+        real_write(cfg, folder, rows_so_far, *rest)
         if len(rows_so_far) == 1:
             raise Killed
     with monkeypatch.context() as patch:
-        patch.setattr(federated, 'save_last', killed_after_round_1)
+        patch.setattr(federated, 'write_checkpoints', killed_after_round_1)
         simulate(config)
     folder = tmp_path / 'killed'
     assert len(torch.load(folder / 'last.pt', weights_only=True)['rows']) == 1

@@ -201,7 +201,7 @@ def test_two_epoch_run_writes_every_output(cifar_root, tmp_path, capsys):
     assert epoch_lines[0].split(' | ')[-1].startswith('eta ')
     assert epoch_lines[1].endswith('| done')
     assert sorted(os.listdir(folder)) == sorted(
-        ['best_fp.pt', 'best_quantized.pt', 'config.json', 'last.pt', 'metrics.jsonl',
+        ['.lock', 'best_fp.pt', 'best_quantized.pt', 'config.json', 'last.pt', 'metrics.jsonl',
          'q_testacc.txt', 'q_trainloss.txt', 'test.txt', 'train.txt'])
     metrics = rows(folder)
     assert [row['epoch'] for row in metrics] == [1, 2]
@@ -297,7 +297,8 @@ def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, t
         return real_update(*args, **kwargs)
 
     kills = {  # name: (module, attribute, replacement, metrics.jsonl rows left by the kill)
-        'after_last_pt': (mc, 'save_last', killed_after(mc.save_last, 1, rows_arg=3), 0),
+        'after_last_pt': (mc, 'save', killed_after(mc.save, 1, rows_arg=3), 0),
+        'after_the_freeze': (mc, 'save', killed_after(mc.save, 3, rows_arg=3), 2),
         'after_first_row': (runtime, 'write_rows',
                             killed_after(runtime.write_rows, 1, rows_arg=1), 1),
         'mid_epoch': (utils, 'quped_update', killed_in_epoch_2, 1)}
@@ -315,6 +316,12 @@ def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, t
         last, ref = (torch.load(os.path.join(f, 'last.pt'), weights_only=True)
                      for f in (folder, whole))
         assert all(torch.equal(last['model'][k], ref['model'][k]) for k in ref['model'])
+        for best in ('best_fp.pt', 'best_quantized.pt'):
+            ours, theirs = (torch.load(os.path.join(f, best), weights_only=True)
+                            for f in (folder, whole))
+            assert ours['epoch'] == theirs['epoch'], (name, best)
+            assert all(torch.equal(ours['state_dict'][k], theirs['state_dict'][k])
+                       for k in theirs['state_dict']), (name, best)
         for filename, key in mc.LOGS.items():
             with open(folder / filename) as f:
                 assert json.load(f) == [row[key] for row in expected]
@@ -363,7 +370,7 @@ def test_ctrl_c_in_the_first_epoch_resumes_from_the_start(cifar_root, tmp_path, 
     assert exit_info.value.code == runtime.INTERRUPTED
     folder = tmp_path / 'results' / 'early'
     assert 'no epoch had ended yet' in capsys.readouterr().err
-    assert os.listdir(folder) == ['config.json']
+    assert sorted(os.listdir(folder)) == ['.lock', 'config.json']
     mc.main([f'--resume={folder}'])
     whole = mc.main(run_args(cifar_root, tmp_path, name='whole'))
     assert without_timings(rows(folder)) == without_timings(rows(whole))

@@ -111,14 +111,14 @@ def test_a_sweep_resumes_a_killed_run_and_skips_a_finished_one(cifar_root, tmp_p
     sweep_dir = tmp_path / 'results' / 's'
     killed_args = [*tiny(cifar_root), '--seed=2', f'--results_dir={sweep_dir}',
                    '--run_name=seed=2']
-    real_save_last = federated.save_last
+    real_write = federated.write_checkpoints
 
     def killed_after_round_1(cfg, folder, rows, *rest):
-        real_save_last(cfg, folder, rows, *rest)
+        real_write(cfg, folder, rows, *rest)
         if len(rows) == 1:
             raise Killed
     with monkeypatch.context() as patch:
-        patch.setattr(federated, 'save_last', killed_after_round_1)
+        patch.setattr(federated, 'write_checkpoints', killed_after_round_1)
         with pytest.raises(Killed):
             mf.main(killed_args)
     whole = mf.main([*tiny(cifar_root), '--seed=2', f'--results_dir={tmp_path}',

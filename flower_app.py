@@ -42,7 +42,7 @@ import resnet
 import runtime
 
 APP_DIR = Path(__file__).resolve().parent
-NODE_WAIT_SECONDS = 120  # how long the server waits for every SuperNode to connect
+NODE_WAIT_SECONDS = 300  # how long the server waits for SuperNodes to connect or come back
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def evaluate(msg, context):
 server = ServerApp()
 
 
-def message(grid, node, kind, rnd, settings, global_state=None):
+def message(node, kind, rnd, settings, global_state=None):
     content = {'config': ConfigRecord(settings)}
     if global_state is not None:
         content['global'] = ArrayRecord(global_state)
@@ -242,14 +242,29 @@ def message(grid, node, kind, rnd, settings, global_state=None):
                    group_id=str(rnd))
 
 
-def exchange(grid, messages):
-    """The replies to `messages`, every one of them, or an error naming the failure."""
-    replies = list(grid.send_and_receive(messages))
-    failed = [r for r in replies if r.has_error()]
-    if failed or len(replies) != len(messages):
-        reason = failed[0].error.reason if failed else 'replies missing'
-        raise runtime.ConfigError(f"{len(failed) or len(messages) - len(replies)} of "
-                                  f"{len(messages)} clients did not reply ({reason}).")
+NODE_UNAVAILABLE = 5  # flwr's ErrorCode.NODE_UNAVAILABLE: its SuperNode went offline
+
+
+def exchange(grid, requests):
+    """The replies to `requests` [(node, kind, round, settings, global state)], every one of
+    them. A SuperNode that went offline (killed, restarted) gets its message again once it is
+    back, for up to NODE_WAIT_SECONDS; any other failure is an error naming it."""
+    pending, replies = list(requests), []
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while pending:
+        answers = list(grid.send_and_receive([message(*request) for request in pending]))
+        by_node = {answer.metadata.src_node_id: answer for answer in answers
+                   if not answer.has_error()}
+        failed = [answer for answer in answers if answer.has_error()]
+        fatal = [answer for answer in failed if answer.error.code != NODE_UNAVAILABLE]
+        if fatal or (failed and time.monotonic() > deadline):
+            reason = (fatal or failed)[0].error.reason
+            raise runtime.ConfigError(f"{len(fatal or failed)} of {len(requests)} clients did "
+                                      f"not reply ({reason}).")
+        replies += by_node.values()
+        pending = [request for request in pending if request[0] not in by_node]
+        if pending:
+            time.sleep(2)  # a restarted SuperNode needs a moment to be back online
     return replies
 
 
@@ -260,8 +275,7 @@ def connect(grid, cfg, settings):
     while len(list(grid.get_node_ids())) < cfg['n_clients'] and time.monotonic() < deadline:
         time.sleep(1)
     nodes = list(grid.get_node_ids())
-    replies = exchange(grid, [message(grid, node, MessageType.QUERY, 0, settings)
-                              for node in nodes])
+    replies = exchange(grid, [(node, MessageType.QUERY, 0, settings) for node in nodes])
     found = {}
     for reply in replies:
         record = reply.content['reply']
@@ -297,8 +311,8 @@ def flower_round(grid, cfg, run, rnd):
     sampled = federated.sample_clients(cfg, run['sampler'])
     global_state = None if global_model is None else federated.model_state(global_model)
     begin = time.perf_counter()
-    replies = exchange(grid, [message(grid, nodes[c], MessageType.TRAIN, rnd, settings,
-                                      global_state) for c in sampled])
+    replies = exchange(grid, [(nodes[c], MessageType.TRAIN, rnd, settings, global_state)
+                              for c in sampled])
     by_client = {run['clients_of'][r.metadata.src_node_id]: r for r in replies}
     trained = {c: json.loads(by_client[c].content['reply']['metrics']) for c in sampled}
     if global_model is not None:
@@ -306,10 +320,9 @@ def flower_round(grid, cfg, run, rnd):
     middle = time.perf_counter()
     new_state = None if global_model is None else federated.model_state(global_model)
     sent = 0 if global_model is None else federated.model_bytes(global_model)
-    replies = exchange(grid, [message(
-        grid, nodes[c], MessageType.EVALUATE, rnd,
-        {**settings, 'trained': json.dumps(trained.get(c)), 'sent': sent}, new_state)
-        for c in range(cfg['n_clients'])])
+    replies = exchange(grid, [(nodes[c], MessageType.EVALUATE, rnd,
+                               {**settings, 'trained': json.dumps(trained.get(c)), 'sent': sent},
+                               new_state) for c in range(cfg['n_clients'])])
     by_client = {run['clients_of'][r.metadata.src_node_id]: r.content['reply'] for r in replies}
     entries = [json.loads(by_client[c]['entry']) for c in range(cfg['n_clients'])]
     run['best_entries'] = [from_bytes(by_client[c]['best']) for c in range(cfg['n_clients'])

@@ -185,12 +185,18 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        if 'Weights only load failed' in str(e):
+        if 'Unsupported global' in str(e):
             raise CheckpointError(
                 f"{path!r} holds Python objects beyond tensors and plain values, so it is not a "
                 f"checkpoint of this project, which never runs code from a file: pass a "
                 f"state_dict or one of the files the scripts write.") from None
-        reason = str(e).splitlines()[0] if str(e) else ''
+        # torch's own advice (load with weights_only=False) is not for files this code reads:
+        # keep its diagnosis only
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ['']
+        reason = lines[0]
+        if 'Weights only load failed' in reason:
+            after = [i for i, line in enumerate(lines) if 'Unpickler error' in line]
+            reason = lines[after[0] + 1] if after and after[0] + 1 < len(lines) else 'unreadable'
         raise CheckpointError(f"checkpoint {path!r} could not be read ({type(e).__name__}: "
                               f"{reason}); the file is damaged or not a PyTorch checkpoint: "
                               f"delete it and download or re-create it.") from None

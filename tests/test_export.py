@@ -18,7 +18,8 @@ import packing
 import plot
 import resnet
 import runtime
-from conftest import MINI
+import utils
+from conftest import MINI, exits_with_error, needs
 
 
 @pytest.mark.parametrize('n', [2, 3, 4, 8, 16])
@@ -58,16 +59,10 @@ def run_folder(root, tmp_path, *extra, name='run'):
                     '--lambda_coef=2e-2', *extra])
 
 
-def real_or_synthetic(cifar_root):
-    return MINI if MINI.exists() else cifar_root
-
-
-@pytest.mark.parametrize('source, n', [('best_quantized.pt', 2), ('best_quantized.pt', 3),
-                                       ('last.pt', 4)])
-def test_exported_model_equals_its_checkpoint(cifar_root, tmp_path, capsys, source, n):
-    """On real test images: the same logits as load_model() gives for best_quantized.pt, and
-    for any source the accuracy the run logged for that epoch's quantized model."""
-    root = real_or_synthetic(cifar_root)
+def check_export(root, tmp_path, capsys, source, n):
+    """The packed file's logits equal those of the model its source stands for: the model
+    load_model() gives for best_quantized.pt; Q_c(x) of the trained model for last.pt. Its
+    accuracy is the one the run logged for that epoch's quantized model."""
     folder = run_folder(root, tmp_path, f'--n_centroids={n}')
     path = os.path.join(folder, source)
     capsys.readouterr()
@@ -77,16 +72,39 @@ def test_exported_model_equals_its_checkpoint(cifar_root, tmp_path, capsys, sour
     packed, info = mc.load_model(path + '.packed')
     cifar = data.load_cifar10(root, 'cpu')
     x = data.normalize(cifar['test_x'][:500])
+    if source == 'best_quantized.pt':
+        original, _ = mc.load_model(path)
+    else:
+        last = torch.load(path, weights_only=True)
+        original = resnet.build('resnet8')
+        original.load_state_dict(last['model'])
+        weights = utils.QuantizedWeights(original)
+        original.load_state_dict({**last['model'], **utils.quantized_state(
+            weights, last['centers'], last['config']['l1'])})
+        original.eval()
     with torch.no_grad():
-        if source == 'best_quantized.pt':
-            original, _ = mc.load_model(path)
-            assert torch.equal(packed(x), original(x))
+        assert torch.equal(packed(x), original(x))
     with open(os.path.join(folder, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
     logged = rows[info['epoch'] - 1]['q_test_acc']
     assert runtime.evaluate(packed, cifar['test_x'], cifar['test_y'])[1] == logged
     mc.main([f'--evaluate={path}.packed', f'--data_root={root}'])
     assert f"test accuracy {logged:.4f}" in capsys.readouterr().out
+
+
+EXPORTS = [('best_quantized.pt', 2), ('best_quantized.pt', 3), ('last.pt', 4)]
+
+
+@needs(MINI)
+@pytest.mark.parametrize('source, n', EXPORTS)
+def test_exported_model_equals_its_checkpoint_on_real_images(tmp_path, capsys, source, n):
+    check_export(MINI, tmp_path, capsys, source, n)
+
+
+@pytest.mark.parametrize('source, n', EXPORTS)
+def test_exported_model_equals_its_checkpoint_on_synthetic_images(cifar_root, tmp_path, capsys,
+                                                                  source, n):
+    check_export(cifar_root, tmp_path, capsys, source, n)
 
 
 def container_bytes():
@@ -137,9 +155,7 @@ def test_damaged_packed_files_give_a_clear_error(cifar_root, tmp_path, capsys):
 
 def test_export_refuses_what_holds_no_quantized_model(tmp_path, capsys):
     torch.save(resnet.build('resnet8').state_dict(), tmp_path / 'plain.pt')
-    with pytest.raises(SystemExit):
-        export.main([str(tmp_path / 'plain.pt')])
-    assert 'holds no centers' in capsys.readouterr().err
+    exits_with_error(capsys, export.main, [str(tmp_path / 'plain.pt')], 'holds no centers')
 
 
 def test_federated_clients_export_one_file_each(cifar_root, tmp_path, capsys):
@@ -196,7 +212,8 @@ def test_plot_explains_folders_without_a_run(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert 'is not a run folder' in capsys.readouterr().err
     (tmp_path / 'config.json').write_text('{}')
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         plot.main([str(tmp_path)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert 'no completed epoch' in err and 'Traceback' not in err

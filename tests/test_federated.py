@@ -175,8 +175,16 @@ def test_kd_loss_by_hand():
     want = (1 - lam) * ce + lam * temp ** 2 * kl / 2
     assert utils.kd_loss(s, y, t, lam, temp).item() == pytest.approx(want, rel=1e-6)
     assert torch.equal(utils.kd_loss(s, y, t, 0.0, temp), F.cross_entropy(s, y))
-    hinton = utils.kd_loss(s, y, t, lam, temp, scale_student=True)
-    assert hinton.item() != pytest.approx(want, rel=1e-3)
+    kl_hinton = 0.0  # Hinton's form: the student's logits divided by T too
+    for r_s, r_t in zip(rows_s, rows_t):
+        q = [math.exp(v / temp) for v in r_t]
+        q = [v / sum(q) for v in q]
+        log_p = [v / temp - math.log(sum(math.exp(u / temp) for u in r_s)) for v in r_s]
+        kl_hinton += sum(qk * (math.log(qk) - lp) for qk, lp in zip(q, log_p))
+    hinton = (1 - lam) * ce + lam * temp ** 2 * kl_hinton / 2
+    assert utils.kd_loss(s, y, t, lam, temp, scale_student=True).item() == pytest.approx(
+        hinton, rel=1e-6)
+    assert hinton != pytest.approx(want, rel=1e-3)
 
 
 def test_weighted_averaging_by_hand():
@@ -480,23 +488,35 @@ class Killed(BaseException):
                                               ('qupel', ('--global_optimizer_reset=False',))])
 def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatch, algorithm,
                                                 extra, device):
-    args = ('--rounds=3', f'--algorithm={algorithm}', '--client_fraction=0.75',
+    args = ('--rounds=4', f'--algorithm={algorithm}', '--client_fraction=0.75',
             '--freeze_round=2', f'--device={device}', '--client_archs=(resnet8,)', *extra)
     whole = mf.main(fed_args(cifar_root, tmp_path, *args, name='whole'))
+    assert [row['frozen'] for row in rows(whole)] == (
+        [False, True, True, True] if algorithm != 'fedavg' else [False] * 4)
     real_write = federated.write_checkpoints
-
-    def killed_after_round_1(cfg, folder, rows_so_far, *rest):
-        real_write(cfg, folder, rows_so_far, *rest)
-        if len(rows_so_far) == 1:
-            raise Killed
-    with monkeypatch.context() as patch:
-        patch.setattr(federated, 'write_checkpoints', killed_after_round_1)
-        with pytest.raises(Killed):
-            mf.main(fed_args(cifar_root, tmp_path, *args, name='killed'))
-    folder = tmp_path / 'results' / 'killed'
-    assert not (folder / 'metrics.jsonl').exists()  # the kill came before the log
-    mf.main([f'--resume={folder}'])
-    assert without_timings(rows(folder)) == without_timings(rows(whole))
+    for kill_after in (1, 3):  # before the freeze, and after it
+        def killed(cfg, folder, rows_so_far, *rest):
+            real_write(cfg, folder, rows_so_far, *rest)
+            if len(rows_so_far) == kill_after:
+                raise Killed
+        name = f'killed_after_{kill_after}'
+        with monkeypatch.context() as patch:
+            patch.setattr(federated, 'write_checkpoints', killed)
+            with pytest.raises(Killed):
+                mf.main(fed_args(cifar_root, tmp_path, *args, name=name))
+        folder = tmp_path / 'results' / name
+        shown = rows(folder) if (folder / 'metrics.jsonl').exists() else []
+        assert len(shown) == kill_after - 1  # the kill came before the log
+        mf.main([f'--resume={folder}'])
+        assert without_timings(rows(folder)) == without_timings(rows(whole))
+        ours, theirs = (torch.load(os.path.join(f, 'best.pt'), weights_only=True)
+                        for f in (folder, whole))
+        assert ours['round'] == theirs['round']
+        for a, b in zip(ours['clients'], theirs['clients']):
+            assert all(torch.equal(a['state_dict'][k], b['state_dict'][k])
+                       for k in b['state_dict'])
+        assert all(torch.equal(ours['global']['state_dict'][k], v)
+                   for k, v in theirs['global']['state_dict'].items())
 
 
 @pytest.mark.parametrize('args, phrases', [
@@ -538,3 +558,26 @@ def test_a_client_not_sampled_in_the_freeze_round_freezes_at_its_next_round():
     state['centers'] += 0.01  # a later round quantizes nothing again
     training.start_epoch(state, training.schedule(6, 1e-4, 1e-4, (), freeze_epoch=3))
     assert torch.equal(weights.flat(), quantized)
+
+
+def test_whole_runs_with_a_dirichlet_split_and_two_local_epochs(cifar_root, tmp_path,
+                                                                monkeypatch):
+    folder = mf.main(fed_args(cifar_root, tmp_path, '--partition=dirichlet',
+                              '--dirichlet_alpha=0.3', name='dirichlet'))
+    with open(os.path.join(folder, 'partition.json')) as f:
+        parts = json.load(f)
+    shares = [len(p['train_indices']) + len(p['val_indices']) for p in parts]
+    assert max(shares) - min(shares) <= 1  # equal shares, as Hsu et al. draw them
+    assert len({tuple(p['train_class_counts']) for p in parts}) == 4
+    assert all(math.isfinite(c['train_loss']) for r in rows(folder) for c in r['clients'])
+    steps = []
+    real = utils.center_step
+    monkeypatch.setattr(utils, 'center_step', lambda *a, **k: steps.append(1) or real(*a, **k))
+    mf.main(fed_args(cifar_root, tmp_path, '--local_epochs=2', '--rounds=1',
+                     '--client_bits=(1,)', name='two_epochs'))
+    cifar = data.load_cifar10(cifar_root, 'cpu')
+    cfg, _ = federated.make_config(mf.DEFAULTS, fed_args(cifar_root, tmp_path,
+                                                         '--client_bits=(1,)'))
+    batches = sum(data.batch_count(len(p['train_indices']), 20)
+                  for p in federated.make_partition(cfg, cifar))
+    assert len(steps) == 2 * batches

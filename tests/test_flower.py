@@ -8,6 +8,10 @@ Needs requirements-flower.txt; skipped, with the reason, where Flower is not ins
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -146,3 +150,125 @@ def test_a_flower_run_killed_after_round_1_and_resumed_equals_an_uninterrupted_o
     simulate({**config, 'resume': str(folder), 'run_name': ''})
     expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})
     assert rows(folder) == rows(expected)
+
+
+# --- deployment: real processes on loopback ------------------------------------------------------
+
+SLOW = pytest.mark.skipif(not os.environ.get('QUPED_SLOW'),
+                          reason='a deployment takes minutes: run with QUPED_SLOW=1 -k deploy')
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """A SuperLink with TLS and SuperNode authentication, and SuperNodes, as processes on
+    127.0.0.1; every process it starts is stopped by its PID."""
+
+    def __init__(self, folder):
+        import make_credentials
+        self.folder, self.processes = folder, {}
+        self.credentials = make_credentials.make(str(folder / 'credentials'), supernodes=4)
+        self.port = free_port()
+        home = folder / 'flwr'
+        home.mkdir()
+        (home / 'config.toml').write_text(
+            f'[superlink]\ndefault = "trial"\n\n[superlink.trial]\naddress = '
+            f'"127.0.0.1:{self.port}"\nroot-certificates = "{self.credentials}/ca.crt"\n')
+        bin_dir = os.path.dirname(sys.executable)
+        self.env = {**os.environ, 'FLWR_HOME': str(home), 'OMP_NUM_THREADS': str(THREADS),
+                    'PATH': f"{bin_dir}:{os.environ.get('PATH', '')}"}
+
+    def start(self, name, *command):
+        log = open(self.folder / f'{name}.log', 'ab')
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                env=self.env, cwd=self.folder)
+        log.close()
+        return self.processes[name]
+
+    def superlink(self):
+        c = self.credentials
+        self.start('superlink', 'flower-superlink', '--ssl-ca-certfile', f'{c}/ca.crt',
+                   '--ssl-certfile', f'{c}/server.pem', '--ssl-keyfile', f'{c}/server.key',
+                   '--enable-supernode-auth', '--port', str(self.port),
+                   '--disable-runtime-dependency-installation')
+        wait_for(lambda: self.flwr('supernode', 'list').returncode == 0, 60)
+
+    def flwr(self, *args, timeout=60):
+        return subprocess.run(['flwr', *args], env=self.env, cwd=self.folder,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def register(self, index):
+        assert self.flwr('supernode', 'register',
+                         f'{self.credentials}/supernode_{index}.pub').returncode == 0
+
+    def supernode(self, index, partition, partitions):
+        return self.start(f'supernode_{index}', 'flower-supernode', '--root-certificates',
+                          f'{self.credentials}/ca.crt', '--auth-supernode-private-key',
+                          f'{self.credentials}/supernode_{index}', '--superlink',
+                          f'127.0.0.1:{self.port}', '--port', str(free_port()), '--node-config',
+                          f'partition-id={partition} num-partitions={partitions}')
+
+    def online(self):
+        listing = self.flwr('supernode', 'list').stdout
+        return listing.count(' online ')
+
+    def stop(self, name):
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def close(self):
+        for name in list(self.processes):
+            self.stop(name)
+
+
+def wait_for(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f'not within {seconds} s')
+
+
+@SLOW
+def test_deploy_tls_authenticated_supernodes_restart_and_refusal(cifar_root, tmp_path):
+    """One SuperLink (TLS, node authentication) and three SuperNode processes run 3 rounds; the
+    rows equal the in-process run's. SuperNode 1 is killed and restarted after round 1 and
+    continues its client from its state file. A SuperNode with an unregistered key is refused."""
+    deployment = Deployment(tmp_path)
+    try:
+        deployment.superlink()
+        for index in range(3):
+            deployment.register(index)
+            deployment.supernode(index, index, 3)
+        wait_for(lambda: deployment.online() == 3, 60)
+        unknown = deployment.supernode(3, 0, 3)
+        unknown.wait(timeout=120)
+        assert unknown.returncode != 0 and deployment.online() == 3
+        config = run_config(cifar_root, tmp_path / 'results', 'deployed', rounds=3,
+                            client_fraction=0.67)
+        overrides = ' '.join(f'{k}={json.dumps(v) if isinstance(v, str) else v}'
+                             for k, v in config.items())
+        run = subprocess.Popen(['flwr', 'run', str(flower_app.APP_DIR), 'trial', '--run-config',
+                                overrides, '--stream'], env=deployment.env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deployment.processes['run'] = run
+        metrics = tmp_path / 'results' / 'deployed' / 'metrics.jsonl'
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 1, 600)
+        deployment.stop('supernode_1')
+        wait_for(lambda: deployment.online() == 2, 240)  # the SuperLink's heartbeat timeout
+        deployment.supernode(1, 1, 3)
+        run.wait(timeout=900)
+        expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})
+        assert rows(metrics.parent) == rows(expected)
+        client_file = torch.load(metrics.parent / 'clients' / 'client_1.pt', weights_only=True)
+        assert client_file['completed'] == 3
+    finally:
+        deployment.close()

@@ -327,6 +327,16 @@ def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, t
                 assert json.load(f) == [row[key] for row in expected]
 
 
+def stop(child):
+    """Kill a test's subprocess by its PID if it still runs, and reap it."""
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    for stream in (child.stdout, child.stderr):
+        if stream is not None:
+            stream.close()
+
+
 SIGINT_RUN = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -342,11 +352,14 @@ def test_ctrl_c_names_the_resume_command_and_keeps_the_last_epoch(cifar_root, tm
     args = run_args(cifar_root, tmp_path, '--EPOCHS=3', name='interrupted')
     child = subprocess.Popen([sys.executable, '-c', SIGINT_RUN, str(ROOT), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in child.stdout:
-        if line.startswith('epoch   1/3'):
-            break
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
+    try:
+        for line in child.stdout:
+            if line.startswith('epoch   1/3'):
+                break
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        stop(child)
     folder = tmp_path / 'results' / 'interrupted'
     assert child.returncode == runtime.INTERRUPTED
     assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
@@ -421,10 +434,11 @@ def test_a_kill_mid_write_leaves_a_complete_file(tmp_path):
     for delay in (0.05, 0.23, 0.41):
         child = subprocess.Popen([sys.executable, '-c', WRITER, str(ROOT), str(path)],
                                  stdout=subprocess.PIPE)
-        assert child.stdout.readline() == b'written\n'
-        time.sleep(delay)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        try:
+            assert child.stdout.readline() == b'written\n'
+            time.sleep(delay)
+        finally:
+            stop(child)
         content = path.read_bytes()
         digest, payload = content[:64], content[64:]
         assert hashlib.sha256(payload).hexdigest().encode() == digest
@@ -552,11 +566,53 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(cifar_root, tmp_pat
         s = real_schedule(cfg, epoch)
         return {**s, 'lr2': math.inf} if epoch >= 1 else s
     monkeypatch.setattr(mc, 'schedule', exploding_from_epoch_2)
-    with pytest.raises(SystemExit):
-        mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=3'))
-    message = capsys.readouterr().err
+    message = fails_with(capsys, run_args(cifar_root, tmp_path, '--EPOCHS=3'))
     assert 'non-finite in epoch 2' in message and 'outputs of epoch 1' in message
     folder = tmp_path / 'results' / 'run'
     assert [row['epoch'] for row in rows(folder)] == [1]
     last = torch.load(folder / 'last.pt', weights_only=True)
     assert last['epoch'] == 1 and torch.isfinite(last['centers']).all()
+
+
+# --- the schedule after the freeze, frozen layers, and the variants of a run ----------------------
+
+def test_lr2_after_the_freeze_is_the_references_1e_6_whatever_the_start_value():
+    """lr2 1e-2 with a drop at epoch 3 and the freeze at epoch 5 (1-based): 1e-2, then 1e-3,
+    then 1e-6 from the epoch after the freeze epoch on (not 1e-2 / 100)."""
+    got = [training.schedule(e, 1e-4, 1e-2, (3,), freeze_epoch=5)['lr2'] for e in range(8)]
+    assert got == pytest.approx([1e-2] * 3 + [1e-3] * 3 + [1e-6] * 2)
+
+
+def test_frozen_layers_are_left_alone_by_the_optimizer(cifar_root):
+    torch.manual_seed(0)
+    model = resnet.build('resnet8')
+    optimizer, scheduler = training.build_optimizer(model, adam=True)
+    state = training.new_state(model, 2, optimizer, scheduler, torch.Generator(), True)
+    frozen = training.schedule(4, 1e-4, 1e-4, (), freeze_epoch=3)
+    training.start_epoch(state, frozen)
+    weights = state['weights']
+    quantized_before = weights.flat()
+    rest_before = {k: v.clone() for k, v in model.state_dict().items() if k not in weights.names}
+    dataset = data.load_cifar10(cifar_root, 'cpu')
+    training.train_epoch(state, dataset, 50, frozen, update=False)  # optimizer steps only
+    assert torch.equal(weights.flat(), quantized_before)
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in rest_before.items()
+               if v.is_floating_point())
+
+
+def test_whole_runs_with_l2_fixed_centers_and_weight_decay(cifar_root, tmp_path):
+    base = rows(mc.main(run_args(cifar_root, tmp_path, '--lambda_coef=1e-2', name='l1')))
+    l2 = rows(mc.main(run_args(cifar_root, tmp_path, '--lambda_coef=1e-2', '--l1=False',
+                               '--n_centroids=4', name='l2')))
+    assert all(math.isfinite(r['train_loss']) for r in l2)
+    assert all(row == sorted(row) for r in l2 for row in r['centers'])
+    assert l2[0]['centers'] != l2[1]['centers'] and l2[-1]['q_test_acc'] >= 0
+    fixed = rows(mc.main(run_args(cifar_root, tmp_path, '--lr2=0', name='fixed')))
+    assert all(row == [-1.0, 1.0] for r in fixed for row in r['centers'])  # ProxQuant's +-1
+    assert fixed != base
+    decayed = mc.main(run_args(cifar_root, tmp_path, '--adam=False', '--weight_decay=5e-4',
+                               name='decayed'))
+    plain = mc.main(run_args(cifar_root, tmp_path, '--adam=False', name='plain'))
+    last = torch.load(os.path.join(decayed, 'last.pt'), weights_only=True)
+    assert last['optimizer']['param_groups'][0]['weight_decay'] == 5e-4
+    assert without_timings(rows(decayed)) != without_timings(rows(plain))

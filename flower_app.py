@@ -99,7 +99,8 @@ def from_bytes(blob):
 # --- the client ------------------------------------------------------------------------------
 
 client = ClientApp()
-CACHE = {}  # per process: the client's data, kept across messages
+DATA = {}  # per process: the data and partition, and each client's images, kept across messages
+STATES = {}  # per process: (run folder, client) -> (rounds completed, the client's state)
 
 
 def node_setting(context, key, default=None):
@@ -111,18 +112,21 @@ def partition_id(context):
 
 
 def client_data(cfg, context, dev):
-    """The client's training, validation and test images, loaded once per process."""
+    """(partition, images) of the client, the data loaded and split once per process (a
+    simulated SuperNode's process serves many clients)."""
     root = node_setting(context, 'data-root') or resolve(cfg['data_root'])
     key = (root, str(dev), json.dumps({k: cfg[k] for k in (
         'partition', 'n_clients', 'classes_per_client', 'dirichlet_alpha', 'val_fraction',
-        'BATCH_SIZE', 'seed', 'client_archs', 'client_bits')}), partition_id(context))
-    if key not in CACHE:
+        'BATCH_SIZE', 'seed', 'client_archs', 'client_bits')}))
+    if key not in DATA:
         cifar = data.load_cifar10(root, dev)
-        parts = federated.make_partition({**cfg, 'data_root': root}, cifar)
-        CACHE.clear()
-        CACHE[key] = parts[partition_id(context)], federated.client_dataset(
-            cifar, parts[partition_id(context)])
-    return CACHE[key]
+        DATA.clear()
+        DATA[key] = cifar, federated.make_partition({**cfg, 'data_root': root}, cifar), {}
+    cifar, parts, datasets = DATA[key]
+    client_id = partition_id(context)
+    if client_id not in datasets:
+        datasets[client_id] = federated.client_dataset(cifar, parts[client_id])
+    return parts[client_id], datasets[client_id]
 
 
 def state_paths(cfg_folder, context):
@@ -136,11 +140,15 @@ def load_state(cfg, context, folder, dev, completed):
     """The client's state after `completed` rounds: from Context.state when it is there, else
     from its files (a restarted SuperNode, a resumed run), else new (round 0)."""
     client_id = partition_id(context)
-    state = federated.new_client_state(cfg, client_id, dev)
     record = context.state.get('client')
+    kept = STATES.get((folder, client_id))
     if record is not None and record['completed'] == completed:
+        if kept is not None and kept[0] == completed:  # this process holds it already
+            return kept[1]
+        state = federated.new_client_state(cfg, client_id, dev)
         federated.load_client_state(state, from_bytes(record['state']))
         return state
+    state = federated.new_client_state(cfg, client_id, dev)
     for path in state_paths(folder, context):
         if os.path.isfile(path):
             saved = torch.load(path, map_location='cpu', weights_only=True)
@@ -159,6 +167,7 @@ def keep_state(context, folder, state, completed, to_file):
     its file (the previous round's file kept beside it)."""
     saved = federated.saved_client_state(state)
     context.state['client'] = ConfigRecord({'completed': completed, 'state': to_bytes(saved)})
+    STATES[(folder, partition_id(context))] = (completed, state)
     if to_file:
         latest, previous = state_paths(folder, context)
         if os.path.isfile(latest):

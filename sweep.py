@@ -4,19 +4,22 @@
         --algorithm=quped --algorithm=local --algorithm=fedavg_ft --rounds=100 --baseline=local
 
 Every hyperparameter given more than once is an axis of the grid; one given once applies to
-every run. Each run is `python SCRIPT --results_dir=<results_dir>/<sweep> --run_name=<its axis
+every run. A value may carry settings of its own after '@': --algorithm=qupel@lambda_p=1.0
+runs qupel with lambda_p 1.0 and the other algorithms with the single --lambda_p given (each
+method with the hyperparameters chosen for it). Each run is `python SCRIPT --results_dir=<results_dir>/<sweep> --run_name=<its axis
 values> ...`. Running the same command again skips the finished runs and resumes killed ones
 (`--resume`), so a sweep can be stopped at any moment. Then it writes, into the sweep's folder,
 summary.json and summary.md: per setting (the axis values but the seed), the mean and standard
 deviation over seeds of the test accuracy at the round chosen on validation and at the last
 round (weighted by test images, and the mean over clients), and each setting's paired
 difference from the setting with `--compare=<axis>` equal to `--baseline`, its other values
-the same, with a 95 % interval over seeds and clients (summarise). `python plot.py
+the same, with a 95 % interval over seeds and clients (summarise; several baselines:
+--baseline=local,fedavg_ft). `python plot.py
 --sweep=<folder>` draws it.
 
 Options of the sweep itself: --sweep=NAME (its folder under results_dir; default: the script's
-name and the date), --compare=NAME (default: algorithm when it is an axis), --baseline=VALUE,
---jobs=N runs at a time (default 1), --threads=N torch threads per run (default: the CPUs
+name and the date), --compare=NAME (default: algorithm when it is an axis),
+--baseline=VALUE[,VALUE...], --jobs=N runs at a time (default 1), --threads=N torch threads per run (default: the CPUs
 divided among the jobs).
 """
 import datetime
@@ -63,9 +66,31 @@ def parse_args(argv):
 
 
 def runs_of(grid):
-    """[{name: value text}] for every combination of the grid's values, in the order given."""
+    """[{name: value text}] for every combination of the grid's values, in the order given;
+    a value's own settings ('@name=value') join its runs."""
     names = list(grid)
     return [dict(zip(names, values)) for values in itertools.product(*grid.values())]
+
+
+def split_value(text):
+    """(value, {name: value}) of a grid value with its own settings: 'qupel@lambda_p=1.0'."""
+    value, *extras = text.split('@')
+    settings = {}
+    for extra in extras:
+        name, eq, setting = extra.partition('=')
+        if not eq:
+            raise SweepError(f"cannot read {extra!r} in {text!r}: write value@name=value.")
+        settings[name] = setting
+    return value, settings
+
+
+def arguments(run):
+    """The run's --name=value arguments; a value's own settings win over single values."""
+    out, own = {}, {}
+    for name, text in run.items():
+        out[name], settings = split_value(text)
+        own.update(settings)
+    return {**out, **own}
 
 
 def axes_of(grid):
@@ -73,7 +98,7 @@ def axes_of(grid):
 
 
 def run_name(run, axes):
-    return ','.join(f'{name}={run[name]}' for name in axes) or 'run'
+    return ','.join(f'{name}={split_value(run[name])[0]}' for name in axes) or 'run'
 
 
 def total_of(cfg):
@@ -107,7 +132,8 @@ def command(script, folder, run, sweep_dir):
     if status(folder) == 'killed':
         return [sys.executable, script, f'--resume={folder}']
     return [sys.executable, script, f'--results_dir={sweep_dir}',
-            f'--run_name={os.path.basename(folder)}', *(f'--{k}={v}' for k, v in run.items())]
+            f'--run_name={os.path.basename(folder)}',
+            *(f'--{k}={v}' for k, v in arguments(run).items())]
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -258,14 +284,15 @@ def paired(results, baseline_results, when):
     return mean_and_interval(differences) if differences else None
 
 
-def summarise(sweep_dir, runs, axes, compare, baseline):
-    """summary.json's contents: one entry per setting (the axis values but the seed)."""
+def summarise(sweep_dir, runs, axes, compare, baselines):
+    """summary.json's contents: one entry per setting (the axis values but the seed), with its
+    paired differences from each of `baselines` (values of the compared axis)."""
     settings = {}
     for run in runs:
         folder = os.path.join(sweep_dir, run_name(run, axes))
         if status(folder) != 'finished':
             continue
-        key = tuple((name, run[name]) for name in axes if name != 'seed')
+        key = tuple((name, split_value(run[name])[0]) for name in axes if name != 'seed')
         settings.setdefault(key, {})[run.get('seed', '')] = run_results(folder)
     entries = []
     for key, results in settings.items():
@@ -274,13 +301,16 @@ def summarise(sweep_dir, runs, axes, compare, baseline):
             for stat in ('weighted', 'mean'):
                 values = [r[when][stat] for r in results.values() if r[when]]
                 entry[f'{when}_{stat}'] = over_seeds(values) if values else None
-        if compare and baseline is not None and dict(key).get(compare) != baseline:
+        entry['vs'] = {}
+        for baseline in baselines:
+            if dict(key).get(compare) == baseline:
+                continue
             other = dict(key, **{compare: baseline})
             match = settings.get(tuple((name, other[name]) for name, _ in key))
-            entry['vs_baseline'] = None if match is None else {
+            entry['vs'][baseline] = None if match is None else {
                 when: paired(results, match, when) for when in ('selected', 'last')}
         entries.append(entry)
-    return {'axes': axes, 'compare': compare, 'baseline': baseline, 'settings': entries}
+    return {'axes': axes, 'compare': compare, 'baselines': baselines, 'settings': entries}
 
 
 def percent(stats):
@@ -301,27 +331,28 @@ def difference(stats):
 def summary_markdown(summary):
     """A markdown table of summary.json: accuracies in percent, mean ± std over seeds."""
     axes = [a for a in summary['axes'] if a != 'seed']
-    vs = f"vs {summary['compare']}={summary['baseline']}" if summary['baseline'] else ''
     header = [*axes, 'seeds', 'test acc at val-selected round (weighted)', '(mean over clients)',
               'last round (weighted)', '(mean over clients)']
-    if vs:
-        header += [f'difference {vs}, selected round [95 % CI]', 'last round [95 % CI]']
+    for baseline in summary['baselines']:
+        header += [f"vs {baseline}: selected round [95 % CI]", 'last round [95 % CI]']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for entry in summary['settings']:
         cells = [entry['setting'][a] for a in axes] + [str(len(entry['seeds']))]
         cells += [percent(entry[k]) for k in ('selected_weighted', 'selected_mean',
                                               'last_weighted', 'last_mean')]
-        if vs:
-            versus = entry.get('vs_baseline')
-            cells += ['baseline', ''] if versus is None and entry['setting'].get(
-                summary['compare']) == summary['baseline'] else [
-                difference(versus and versus['selected']), difference(versus and versus['last'])]
+        for baseline in summary['baselines']:
+            versus = entry['vs'].get(baseline)
+            if entry['setting'].get(summary['compare']) == baseline:
+                cells += ['(baseline)', '']
+            else:
+                cells += [difference(versus and versus['selected']),
+                          difference(versus and versus['last'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
-def write_summary(sweep_dir, runs, axes, compare, baseline):
-    summary = summarise(sweep_dir, runs, axes, compare, baseline)
+def write_summary(sweep_dir, runs, axes, compare, baselines):
+    summary = summarise(sweep_dir, runs, axes, compare, baselines)
     runtime.write_json(os.path.join(sweep_dir, 'summary.json'), summary)
     table = summary_markdown(summary)
     runtime.write_atomic(os.path.join(sweep_dir, 'summary.md'), table.encode())
@@ -339,10 +370,12 @@ def main(argv=None):
         if compare is not None and compare not in axes:
             raise SweepError(f"--compare={compare} is not an axis of the grid (the names given "
                              f"more than once: {', '.join(axes) or 'none'}).")
-        baseline = options.get('baseline')
-        if baseline is not None and (compare is None or baseline not in grid[compare]):
-            raise SweepError(f"--baseline={baseline} is not a value of the compared axis "
-                             f"{compare}: give one of {', '.join(grid.get(compare, []))}.")
+        baselines = [b for b in options.get('baseline', '').split(',') if b]
+        values = [split_value(v)[0] for v in grid.get(compare, [])]
+        wrong = [b for b in baselines if compare is None or b not in values]
+        if wrong:
+            raise SweepError(f"--baseline={','.join(wrong)} is not a value of the compared axis "
+                             f"{compare}: give one of {', '.join(values)}.")
         stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
         name = options.get('sweep') or f"sweep_{os.path.splitext(os.path.basename(script))[0]}_" \
                                         f"{stamp}"
@@ -354,7 +387,7 @@ def main(argv=None):
         os.makedirs(sweep_dir, exist_ok=True)
         runs = runs_of(grid)
         failed = run_all(os.path.abspath(script), runs, axes, sweep_dir, jobs, threads)
-        print(write_summary(sweep_dir, runs, axes, compare, baseline))
+        print(write_summary(sweep_dir, runs, axes, compare, baselines))
         print(f"summary: {os.path.join(sweep_dir, 'summary.md')} and summary.json")
         if failed:
             raise SweepError(f"{len(failed)} runs failed: {', '.join(failed)}; read their logs "

@@ -67,7 +67,7 @@ def write_fixture(sweep_dir):
 def test_summary_statistics_equal_hand_computed_ones(tmp_path):
     write_fixture(tmp_path)
     runs = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]
-    summary = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', 'local')
+    summary = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', ['local'])
     quped = next(e for e in summary['settings'] if e['setting'] == {'algorithm': 'quped'})
     # selected rounds on weighted validation accuracy (1 x v0 + 3 x v1) / 4:
     # quped seed 1: round 1 0.65 vs round 2 0.75 -> round 2; seed 2: 0.9 vs 0.175 -> round 1;
@@ -85,13 +85,13 @@ def test_summary_statistics_equal_hand_computed_ones(tmp_path):
                    for a, b in zip(ours, theirs)]
     mean, sd = statistics.fmean(differences), statistics.stdev(differences)
     half = 2.5706 * sd / math.sqrt(6)  # t(0.975, 5 degrees of freedom)
-    got = quped['vs_baseline']['selected']
+    got = quped['vs']['local']['selected']
     assert got['n'] == 6 and got['mean'] == pytest.approx(mean)
     assert got['low'] == pytest.approx(mean - half, abs=1e-4)
     assert got['high'] == pytest.approx(mean + half, abs=1e-4)
     table = sweep.summary_markdown(summary)
     assert f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]" in table
-    assert '| local | 3 |' in table and 'baseline' in table
+    assert '| local | 3 |' in table and '(baseline)' in table
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -152,3 +152,14 @@ def test_a_sweep_resumes_a_killed_run_and_skips_a_finished_one(cifar_root, tmp_p
 ])
 def test_bad_sweeps(capsys, argv, phrase):
     exits_with_error(capsys, sweep.main, argv, phrase)
+
+
+def test_a_value_may_carry_settings_of_its_own():
+    _, _, grid = sweep.parse_args([str(ROOT / 'main_federated.py'), '--algorithm=quped',
+                                   '--algorithm=qupel@lambda_p=1.0@lambda_coef=(1e-05,)',
+                                   '--lambda_p=0.1'])
+    runs = sweep.runs_of(grid)
+    assert [sweep.arguments(run) for run in runs] == [
+        {'algorithm': 'quped', 'lambda_p': '0.1'},
+        {'algorithm': 'qupel', 'lambda_p': '1.0', 'lambda_coef': '(1e-05,)'}]
+    assert sweep.run_name(runs[1], ['algorithm']) == 'algorithm=qupel'

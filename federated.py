@@ -603,7 +603,8 @@ def round_row(cfg, rnd, entries, timings):
     personal = cfg['algorithm'] in PERSONALISED
     return {**row, 'lambda': sched['lam'] if personal else None,
             'lambda2': sched['lam2'] if personal else None,
-            'lr1': training.ADAM_LR if personal else None, 'lr2': sched['lr2'] if personal else None,
+            'lr1': training.ADAM_LR if personal else None,
+            'lr2': sched['lr2'] if personal else None,
             'global_lr': cfg['global_lr'] if cfg['algorithm'] in COMMUNICATING else None,
             'frozen': sched['frozen'] if personal else False,
             'sampled': [c['client'] for c in entries if c['sampled']],

@@ -205,7 +205,8 @@ def train(msg, context):
     global_copy = global_state = None
     if 'global' in msg.content:
         global_copy = resnet.build(cfg['global_arch']).to(dev)
-        global_state = {k: v.to(dev) for k, v in msg.content['global'].to_torch_state_dict().items()}
+        received = msg.content['global'].to_torch_state_dict()
+        global_state = {k: v.to(dev) for k, v in received.items()}
     new_state, weight, metrics = federated.client_round(cfg, partition_id(context), state,
                                                         global_state, global_copy, dataset, rnd)
     keep_state(context, folder, state, rnd + 1, to_file=False)

@@ -341,9 +341,9 @@ def plot_sweep(folder, out=None):
     names = [', '.join(f'{k}={v}' for k, v in e['setting'].items()) or 'all' for e in entries]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(entries) + 2), 5), layout='constrained')
     width = 0.38
-    for offset, key, name, colour in ((-width / 2, 'selected_weighted', 'round chosen on validation',
-                                       COLOURS['quantized']),
-                                      (width / 2, 'last_weighted', 'last round', COLOURS['fp'])):
+    bars = ((-width / 2, 'selected_weighted', 'round chosen on validation', COLOURS['quantized']),
+            (width / 2, 'last_weighted', 'last round', COLOURS['fp']))
+    for offset, key, name, colour in bars:
         stats = [e[key] for e in entries]
         ax.bar([i + offset for i in range(len(entries))],
                [0 if s is None else s['mean'] for s in stats], width,

@@ -6,21 +6,21 @@
 Every hyperparameter given more than once is an axis of the grid; one given once applies to
 every run. A value may carry settings of its own after '@': --algorithm=qupel@lambda_p=1.0
 runs qupel with lambda_p 1.0 and the other algorithms with the single --lambda_p given (each
-method with the hyperparameters chosen for it). Each run is `python SCRIPT --results_dir=<results_dir>/<sweep> --run_name=<its axis
-values> ...`. Running the same command again skips the finished runs and resumes killed ones
-(`--resume`), so a sweep can be stopped at any moment. Then it writes, into the sweep's folder,
-summary.json and summary.md: per setting (the axis values but the seed), the mean and standard
-deviation over seeds of the test accuracy at the round chosen on validation and at the last
-round (weighted by test images, and the mean over clients), and each setting's paired
-difference from the setting with `--compare=<axis>` equal to `--baseline`, its other values
-the same, with a 95 % interval over seeds and clients (summarise; several baselines:
---baseline=local,fedavg_ft). `python plot.py
+method with the hyperparameters chosen for it). Each run is `python SCRIPT
+--results_dir=<results_dir>/<sweep> --run_name=<its axis values> ...`, its output in
+logs/<run name>.log. Running the same command again skips the finished runs and resumes killed
+ones (`--resume`), so a sweep can be stopped at any moment. Then it writes, into the sweep's
+folder, summary.json and summary.md: per setting (the axis values but the seed), the mean and
+standard deviation over seeds of the test accuracy at the round chosen on validation and at the
+last round (weighted by test images, and the mean over clients), and each setting's paired
+difference from the setting with `--compare=<axis>` equal to a `--baseline`, its other values
+the same, with a 95 % interval over seeds and clients (summarise). `python plot.py
 --sweep=<folder>` draws it.
 
 Options of the sweep itself: --sweep=NAME (its folder under results_dir; default: the script's
 name and the date), --compare=NAME (default: algorithm when it is an axis),
---baseline=VALUE[,VALUE...], --jobs=N runs at a time (default 1), --threads=N torch threads per run (default: the CPUs
-divided among the jobs).
+--baseline=VALUE[,VALUE...], --jobs=N runs at a time (default 1), --threads=N torch threads per
+run (default: the CPUs divided among the jobs).
 """
 import datetime
 import itertools
@@ -397,7 +397,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
-        print(f"interrupted: run the same command again to continue the sweep.", file=sys.stderr)
+        print("interrupted: run the same command again to continue the sweep.", file=sys.stderr)
         raise SystemExit(runtime.INTERRUPTED)
 
 

@@ -55,3 +55,20 @@ def exits_with_error(capsys, main, argv, *phrases):
     for phrase in phrases:
         assert phrase in message, message
     return message
+
+
+class Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in the run catches it."""
+
+
+def kill_after_round(patch, rounds):
+    """Make federated.write_checkpoints raise Killed once it has written `rounds` rounds, as a
+    kill right after last.pt would stop a run."""
+    import federated
+    real = federated.write_checkpoints
+
+    def killed(cfg, folder, rows, *rest):
+        real(cfg, folder, rows, *rest)
+        if len(rows) == rounds:
+            raise Killed
+    patch.setattr(federated, 'write_checkpoints', killed)

@@ -14,7 +14,6 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-import data
 import export
 import federated
 import main_centralized as mc
@@ -55,7 +54,7 @@ def rows(folder):
         return [json.loads(line) for line in f]
 
 
-# --- 1. warm starts --------------------------------------------------------------------------
+# --- 1. warm starts ------------------------------------------------------------------------------
 
 def test_a_federated_warm_start_that_fits_no_model_is_an_error(cifar_root, tmp_path, capsys):
     torch.save(resnet.build('resnet20').state_dict(), tmp_path / 'r20.pt')
@@ -72,7 +71,7 @@ def test_a_federated_warm_start_says_which_models_it_loads(cifar_root, tmp_path,
     assert f'every cifarnet warm-started from {tmp_path}/cnet.pt' in capsys.readouterr().out
 
 
-# --- 2. packed files ---------------------------------------------------------------------------
+# --- 2. packed files -----------------------------------------------------------------------------
 
 def test_a_packed_file_with_one_byte_changed_is_refused(cifar_root, tmp_path, capsys):
     folder = mc.main(central_args(cifar_root, tmp_path, '--EPOCHS=1'))
@@ -90,7 +89,7 @@ def test_a_packed_file_with_one_byte_changed_is_refused(cifar_root, tmp_path, ca
     assert digests(folder) == before
 
 
-# --- 3, 8, 10, 11. resume ----------------------------------------------------------------------
+# --- 3, 8, 10, 11. resume ------------------------------------------------------------------------
 
 def test_resuming_the_other_scripts_run_folder_is_refused(cifar_root, tmp_path, capsys):
     central = mc.main(central_args(cifar_root, tmp_path, '--EPOCHS=1'))
@@ -182,7 +181,7 @@ def test_export_packs_every_client_of_a_federated_last_pt(cifar_root, tmp_path, 
             assert torch.equal(packed(x), quantized.eval()(x))
 
 
-# --- 5. run names ------------------------------------------------------------------------------
+# --- 5. run names --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', ['a/b', '..', '/tmp/escape', '../up'])
 def test_a_run_name_that_leaves_results_dir_is_refused(cifar_root, tmp_path, capsys, name):
@@ -200,7 +199,7 @@ def test_an_empty_results_dir_is_refused(cifar_root, tmp_path, capsys, monkeypat
     assert sorted(os.listdir(tmp_path)) == ['data']
 
 
-# --- 6, 7. plot and export on damaged or unwritable places -------------------------------------
+# --- 6, 7. plot and export on damaged or unwritable places ---------------------------------------
 
 def test_plot_on_a_corrupt_log_says_which_line_and_the_table_leaves_it_out(cifar_root, tmp_path,
                                                                           capsys):
@@ -268,7 +267,7 @@ def test_a_full_disk_during_a_run_keeps_every_checkpoint_at_the_last_epoch(cifar
     assert not [f for f in os.listdir(folder) if f.startswith('.tmp-')]
 
 
-# --- 9. full-precision runs --------------------------------------------------------------------
+# --- 9. full-precision runs ----------------------------------------------------------------------
 
 def test_a_full_precision_run_writes_no_quantized_outputs(cifar_root, tmp_path, capsys):
     folder = mc.main(central_args(cifar_root, tmp_path, '--fp=True', '--fp_epochs=1'))
@@ -287,7 +286,7 @@ def test_a_full_precision_run_writes_no_quantized_outputs(cifar_root, tmp_path, 
         folder, cfg)
 
 
-# --- 12. tracebacks that became messages -----------------------------------------------------------
+# --- 12. tracebacks that became messages ---------------------------------------------------------
 
 @pytest.mark.parametrize('arg, phrase', [
     ('--data_root=', 'data_root is empty'), ('--device=meta', "device='meta'"),
@@ -317,7 +316,7 @@ def test_load_client_model_explains_its_mistakes(cifar_root, tmp_path):
         federated.load_client_model(best, 99)
 
 
-# --- messages that misled -------------------------------------------------------------------------
+# --- messages that misled ------------------------------------------------------------------------
 
 @pytest.mark.parametrize('main, script', [(mc.main, 'main_centralized.py'),
                                           (mf.main, 'main_federated.py')])
@@ -358,7 +357,7 @@ def test_load_model_of_a_packed_file_gives_its_metrics(cifar_root, tmp_path):
     assert info['metrics']['q_test_acc'] == rows(folder)[0]['q_test_acc']
 
 
-# --- watching a run ----------------------------------------------------------------------------------
+# --- watching a run ------------------------------------------------------------------------------
 
 class Terminal:
     def __init__(self):
@@ -396,7 +395,7 @@ def test_console_lines_are_short_and_labelled(cifar_root, tmp_path, capsys):
                              for line in fed_lines)
 
 
-# --- figures -----------------------------------------------------------------------------------------
+# --- figures -------------------------------------------------------------------------------------
 
 def drawn(draw, rows_, cfg):
     fig, ax = plt.subplots()

@@ -19,7 +19,7 @@ import resnet
 import runtime
 import training
 import utils
-from conftest import DEVICES, exits_with_error
+from conftest import DEVICES, Killed, exits_with_error, kill_after_round
 
 TIMINGS = ('train_seconds', 'eval_seconds', 'wall_seconds')
 
@@ -479,10 +479,6 @@ def test_local_trains_every_client_every_round_whatever_the_fraction(cifar_root,
         assert row['global_test_acc_weighted'] is None
 
 
-class Killed(BaseException):
-    """Stands for a kill: not an Exception, so nothing in the run catches it."""
-
-
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('algorithm, extra', [('quped', ()), ('fedavg', ()),
                                               ('qupel', ('--global_optimizer_reset=False',))])
@@ -493,15 +489,10 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
     whole = mf.main(fed_args(cifar_root, tmp_path, *args, name='whole'))
     assert [row['frozen'] for row in rows(whole)] == (
         [False, True, True, True] if algorithm != 'fedavg' else [False] * 4)
-    real_write = federated.write_checkpoints
     for kill_after in (1, 3):  # before the freeze, and after it
-        def killed(cfg, folder, rows_so_far, *rest):
-            real_write(cfg, folder, rows_so_far, *rest)
-            if len(rows_so_far) == kill_after:
-                raise Killed
         name = f'killed_after_{kill_after}'
         with monkeypatch.context() as patch:
-            patch.setattr(federated, 'write_checkpoints', killed)
+            kill_after_round(patch, kill_after)
             with pytest.raises(Killed):
                 mf.main(fed_args(cifar_root, tmp_path, *args, name=name))
         folder = tmp_path / 'results' / name

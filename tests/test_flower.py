@@ -19,6 +19,7 @@ import torch
 import federated
 import main_federated as mf
 import runtime
+from conftest import kill_after_round
 
 flwr = pytest.importorskip('flwr', reason='Flower is not installed: pip install -r '
                                           'requirements-flower.txt')
@@ -129,21 +130,11 @@ def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, t
                    for k in theirs['state_dict'])
 
 
-class Killed(BaseException):
-    """Stands for a kill of the server: not an Exception, so nothing in the run catches it."""
-
-
 def test_a_flower_run_killed_after_round_1_and_resumed_equals_an_uninterrupted_one(
         cifar_root, tmp_path, monkeypatch):
     config = run_config(cifar_root, tmp_path, 'killed', rounds=3, client_fraction=0.67)
-    real_write = federated.write_checkpoints
-
-    def killed_after_round_1(cfg, folder, rows_so_far, *rest):
-        real_write(cfg, folder, rows_so_far, *rest)
-        if len(rows_so_far) == 1:
-            raise Killed
     with monkeypatch.context() as patch:
-        patch.setattr(federated, 'write_checkpoints', killed_after_round_1)
+        kill_after_round(patch, 1)  # raised in the server's thread, which the simulation ends
         simulate(config)
     folder = tmp_path / 'killed'
     assert len(torch.load(folder / 'last.pt', weights_only=True)['rows']) == 1

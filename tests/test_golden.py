@@ -259,10 +259,6 @@ def judge_update(golden, device='cpu', **kwargs):
     if failures and all(f.startswith('centers_out') for f in failures):
         with torch_threads(count):
             precise = replay(golden, device, dtype=torch.float64, **kwargs)
-        relative = max(relative_error(v, golden['quantized_state_in'][k])
-                       for k, v in ours['first_step'].items() if v.is_floating_point())
-        probes = [replay(golden, device, perturb_seed=(seed, relative), **kwargs)
-                  for seed in range(PROBES)]
         error = max_error(ours['centers_out'], golden['centers_out'])
         rounding = max_error(ours['centers_out'], precise['centers_out'])
         notes.append(f'centers_out: error {error:.3g}, float32 rounding {rounding:.3g}')

@@ -7,10 +7,9 @@ import statistics
 
 import pytest
 
-import federated
 import main_federated as mf
 import sweep
-from conftest import ROOT, exits_with_error
+from conftest import ROOT, Killed, exits_with_error, kill_after_round
 
 
 @pytest.mark.parametrize('df, quantile', [(1, 12.7062), (2, 4.3027), (5, 2.5706),
@@ -96,10 +95,6 @@ def test_summary_statistics_equal_hand_computed_ones(tmp_path):
 
 # --- running ---------------------------------------------------------------------------------
 
-class Killed(BaseException):
-    """Stands for a kill: not an Exception, so nothing in the run catches it."""
-
-
 def tiny(cifar_root):
     return [f'--data_root={cifar_root}', '--n_clients=2', '--classes_per_client=5',
             '--rounds=2', '--BATCH_SIZE=20', '--client_archs=(cifarnet,)',
@@ -111,14 +106,8 @@ def test_a_sweep_resumes_a_killed_run_and_skips_a_finished_one(cifar_root, tmp_p
     sweep_dir = tmp_path / 'results' / 's'
     killed_args = [*tiny(cifar_root), '--seed=2', f'--results_dir={sweep_dir}',
                    '--run_name=seed=2']
-    real_write = federated.write_checkpoints
-
-    def killed_after_round_1(cfg, folder, rows, *rest):
-        real_write(cfg, folder, rows, *rest)
-        if len(rows) == 1:
-            raise Killed
     with monkeypatch.context() as patch:
-        patch.setattr(federated, 'write_checkpoints', killed_after_round_1)
+        kill_after_round(patch, 1)
         with pytest.raises(Killed):
             mf.main(killed_args)
     whole = mf.main([*tiny(cifar_root), '--seed=2', f'--results_dir={tmp_path}',

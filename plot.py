@@ -332,12 +332,18 @@ def plot_comparison(folders, out):
 
 
 def plot_sweep(folder, out=None):
+    """sweep.png (or `out`) of the sweep in `folder` (sweep_figure)."""
+    summary = read_json(os.path.join(folder, 'summary.json'))
+    if not summary['settings']:
+        raise RunError(f"{folder}/summary.json holds no finished setting yet.")
+    fig = sweep_figure(summary, os.path.basename(os.path.normpath(folder)))
+    return save(fig, out or os.path.join(folder, 'sweep.png'))
+
+
+def sweep_figure(summary, name):
     """The sweep's settings: test accuracy at the round chosen on validation and at the last
     round (weighted), mean over seeds with the standard deviation as error bars."""
-    summary = read_json(os.path.join(folder, 'summary.json'))
     entries = summary['settings']
-    if not entries:
-        raise RunError(f"{folder}/summary.json holds no finished setting yet.")
     names = [', '.join(f'{k}={v}' for k, v in e['setting'].items()) or 'all' for e in entries]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(entries) + 2), 5), layout='constrained')
     width = 0.38
@@ -354,11 +360,10 @@ def plot_sweep(folder, out=None):
     ax.set_ylim(0, 1)
     ax.grid(axis='y', alpha=0.3)
     seeds = sorted({len(e['seeds']) for e in entries})
-    ax.set_title(f"{os.path.basename(os.path.normpath(folder))}: mean over "
-                 f"{'/'.join(map(str, seeds))} seeds, error bars one standard deviation",
-                 fontsize=10)
+    ax.set_title(f"{name}: mean over {'/'.join(map(str, seeds))} seeds, error bars one standard "
+                 f"deviation", fontsize=10)
     ax.legend(fontsize=8)
-    return save(fig, out or os.path.join(folder, 'sweep.png'))
+    return fig
 
 
 def packed_size(folder, cfg):

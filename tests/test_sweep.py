@@ -152,3 +152,21 @@ def test_a_value_may_carry_settings_of_its_own():
         {'algorithm': 'quped', 'lambda_p': '0.1'},
         {'algorithm': 'qupel', 'lambda_p': '1.0', 'lambda_coef': '(1e-05,)'}]
     assert sweep.run_name(runs[1], ['algorithm']) == 'algorithm=qupel'
+
+
+def test_plot_draws_a_sweep_with_its_standard_deviations_as_error_bars(tmp_path):
+    import plot
+    from matplotlib.container import BarContainer
+    write_fixture(tmp_path)
+    runs = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]
+    summary = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', ['local'])
+    ax = plot.sweep_figure(summary, 'fixture').axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    for container, key in zip(bars, ('selected_weighted', 'last_weighted')):
+        stats = [e[key] for e in summary['settings']]
+        assert [b.get_height() for b in container] == pytest.approx([s['mean'] for s in stats])
+        segments = container.errorbar.lines[2][0].get_segments()  # one vertical bar each
+        assert [top[1] - bottom[1] for bottom, top in segments] == pytest.approx(
+            [2 * s['std'] for s in stats])
+    sweep.write_summary(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', ['local'])
+    assert os.path.isfile(plot.plot_sweep(str(tmp_path)))

@@ -185,9 +185,11 @@ def client_setup(msg, context):
 
 @client.query()
 def describe(msg, context):
-    """The client's partition id and count, for the server's check, and its partition."""
+    """The client's partition id and count, for the server's check, and its partition (none
+    for an id outside the run's clients, which the server then names)."""
     cfg, _, dev = client_setup(msg, context)
-    part, _ = client_data(cfg, context, dev)
+    inside = 0 <= partition_id(context) < cfg['n_clients']
+    part = client_data(cfg, context, dev)[0] if inside else None
     return Message(RecordDict({'reply': ConfigRecord({
         'partition-id': partition_id(context),
         'num-partitions': int(node_setting(context, 'num-partitions')),
@@ -278,6 +280,23 @@ def exchange(grid, requests):
     return replies
 
 
+def check_partitions(found, n_clients, connected):
+    """Refuse SuperNodes whose partition ids ({id: num-partitions}) do not cover
+    0..n_clients-1 exactly once, naming the missing ids."""
+    missing = [i for i in range(n_clients) if i not in found]
+    wrong = sorted(set(found.values()) - {n_clients})
+    if missing or wrong or len(found) != connected:
+        raise runtime.ConfigError(
+            f"the SuperNodes' partition ids must be 0..{n_clients - 1} with "
+            f"num-partitions={n_clients}: "
+            + (f"partition ids {', '.join(map(str, missing))} are missing; " if missing else '')
+            + (f"num-partitions {wrong} found; " if wrong else '')
+            + (f"{connected - len(found)} SuperNodes share an id; "
+               if connected > len(found) else '')
+            + f"{connected} SuperNodes connected. Start one SuperNode per partition, each with "
+              f"--node-config \"partition-id=<i> num-partitions={n_clients}\".")
+
+
 def connect(grid, cfg, settings):
     """{partition id: node id} for n_clients SuperNodes whose ids cover 0..n_clients-1, and the
     partition they report, in client order."""
@@ -290,16 +309,8 @@ def connect(grid, cfg, settings):
     for reply in replies:
         record = reply.content['reply']
         found[record['partition-id']] = (reply.metadata.src_node_id, record)
-    missing = [i for i in range(cfg['n_clients']) if i not in found]
-    wrong = sorted({r['num-partitions'] for _, r in found.values()} - {cfg['n_clients']})
-    if missing or wrong or len(found) != len(nodes):
-        raise runtime.ConfigError(
-            f"the SuperNodes' partition ids must be 0..{cfg['n_clients'] - 1} with "
-            f"num-partitions={cfg['n_clients']}: "
-            + (f"partition ids {', '.join(map(str, missing))} are missing; " if missing else '')
-            + (f"num-partitions {wrong} found; " if wrong else '')
-            + f"{len(nodes)} SuperNodes connected. Start one SuperNode per partition, each with "
-              f"--node-config \"partition-id=<i> num-partitions={cfg['n_clients']}\".")
+    check_partitions({i: record['num-partitions'] for i, (_, record) in found.items()},
+                     cfg['n_clients'], len(nodes))
     return ({i: found[i][0] for i in range(cfg['n_clients'])},
             [json.loads(found[i][1]['part']) for i in range(cfg['n_clients'])])
 

@@ -263,3 +263,13 @@ def test_deploy_tls_authenticated_supernodes_restart_and_refusal(cifar_root, tmp
         assert client_file['completed'] == 3
     finally:
         deployment.close()
+
+
+def test_the_server_names_missing_partition_ids():
+    flower_app.check_partitions({0: 3, 1: 3, 2: 3}, 3, 3)  # complete: no error
+    with pytest.raises(runtime.ConfigError, match='partition ids 1, 3 are missing'):
+        flower_app.check_partitions({0: 4, 2: 4}, 4, 2)
+    with pytest.raises(runtime.ConfigError, match=r'num-partitions \[5\] found'):
+        flower_app.check_partitions({0: 5, 1: 5}, 2, 2)
+    with pytest.raises(runtime.ConfigError, match='1 SuperNodes share an id'):
+        flower_app.check_partitions({0: 2, 1: 2}, 2, 3)

@@ -6,6 +6,7 @@ import os
 import statistics
 
 import pytest
+import torch
 
 import main_federated as mf
 import sweep
@@ -112,8 +113,9 @@ def test_a_sweep_resumes_a_killed_run_and_skips_a_finished_one(cifar_root, tmp_p
             mf.main(killed_args)
     whole = mf.main([*tiny(cifar_root), '--seed=2', f'--results_dir={tmp_path}',
                      '--run_name=whole'])
+    # the runs' sums follow the thread count (README, Faithfulness): the sweep's runs use ours
     argv = [str(ROOT / 'main_federated.py'), '--sweep=s', f'--results_dir={tmp_path}/results',
-            '--seed=1', '--seed=2', *tiny(cifar_root)]
+            f'--threads={torch.get_num_threads()}', '--seed=1', '--seed=2', *tiny(cifar_root)]
     sweep.main(argv)
     out = capsys.readouterr().out
     assert 'seed=1: new' in out and 'seed=2: killed' in out

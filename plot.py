@@ -349,12 +349,12 @@ def sweep_figure(summary, name):
     width = 0.38
     bars = ((-width / 2, 'selected_weighted', 'round chosen on validation', COLOURS['quantized']),
             (width / 2, 'last_weighted', 'last round', COLOURS['fp']))
-    for offset, key, name, colour in bars:
+    for offset, key, label, colour in bars:
         stats = [e[key] for e in entries]
         ax.bar([i + offset for i in range(len(entries))],
                [0 if s is None else s['mean'] for s in stats], width,
                yerr=[0 if s is None or s['std'] is None else s['std'] for s in stats],
-               capsize=4, color=colour, label=f'test accuracy at the {name}')
+               capsize=4, color=colour, label=f'test accuracy at the {label}')
     ax.set_xticks(range(len(entries)), names, rotation=20, ha='right', fontsize=8)
     ax.set_ylabel('test accuracy (all clients, weighted)')
     ax.set_ylim(0, 1)

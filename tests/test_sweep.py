@@ -163,6 +163,7 @@ def test_plot_draws_a_sweep_with_its_standard_deviations_as_error_bars(tmp_path)
     runs = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]
     summary = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', ['local'])
     ax = plot.sweep_figure(summary, 'fixture').axes[0]
+    assert ax.get_title().startswith('fixture: mean over 3 seeds')
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     for container, key in zip(bars, ('selected_weighted', 'last_weighted')):
         stats = [e[key] for e in summary['settings']]

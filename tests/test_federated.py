@@ -19,7 +19,7 @@ import resnet
 import runtime
 import training
 import utils
-from conftest import DEVICES, Killed, exits_with_error, kill_after_round
+from conftest import DEVICES, ROOT, Killed, exits_with_error, kill_after_round
 
 TIMINGS = ('train_seconds', 'eval_seconds', 'wall_seconds')
 
@@ -572,3 +572,30 @@ def test_whole_runs_with_a_dirichlet_split_and_two_local_epochs(cifar_root, tmp_
     batches = sum(data.batch_count(len(p['train_indices']), 20)
                   for p in federated.make_partition(cfg, cifar))
     assert len(steps) == 2 * batches
+
+
+def test_the_defaults_are_the_validation_search_choices():
+    """Each searched default is the setting of the search run (docs/results/search.json) with the
+    best validation accuracy of its algorithm; the schedule is Algorithm 1's scaled to 150."""
+    with open(ROOT / 'docs' / 'results' / 'search.json') as f:
+        runs = json.load(f)
+
+    def best(algorithm, **fixed):
+        mine = [r for r in runs if r['config']['algorithm'] == algorithm
+                and all(r['config'][k] == v for k, v in fixed.items())]
+        return max(mine, key=lambda r: r['best_q_val_acc_weighted'])['config']
+
+    d = mf.DEFAULTS
+    quped = best('quped')
+    for name in ('kd_form', 'lambda_p', 'global_lambda_p', 'temp'):
+        assert d[name] == quped[name], name
+    assert list(d['lambda_coef']) == quped['lambda_coef'] == best('local')['lambda_coef']
+    assert d['global_lr'] == best('fedavg', client_archs=['cifarnet'])['global_lr']
+    assert d['ft_lr'] == best('fedavg_ft')['ft_lr']
+    assert d['lambda_p'] == best('qupel')['lambda_p']
+    assert (d['client_archs'], d['global_arch']) == (tuple(quped['client_archs']),
+                                                     quped['global_arch'])
+    assert (d['rounds'], d['lr2_milestones'], d['freeze_round']) == (
+        quped['rounds'], tuple(quped['lr2_milestones']), quped['freeze_round']) == (
+        150, (round(80 * 150 / 250), round(140 * 150 / 250)), round(200 * 150 / 250))
+    assert d['kd_form_center'] == 'released' and d['center_reg_fix'] is True

@@ -72,3 +72,17 @@ def kill_after_round(patch, rounds):
         if len(rows) == rounds:
             raise Killed
     patch.setattr(federated, 'write_checkpoints', killed)
+
+
+def assert_same_best(folder, expected):
+    """Two federated runs' best.pt hold the same round, client models and global model (none
+    for `local`), bit for bit."""
+    ours, theirs = (torch.load(os.path.join(f, 'best.pt'), weights_only=True)
+                    for f in (folder, expected))
+    assert ours['round'] == theirs['round']
+    for a, b in zip(ours['clients'], theirs['clients'], strict=True):
+        assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in b['state_dict'])
+    assert (ours['global'] is None) == (theirs['global'] is None)
+    if theirs['global'] is not None:
+        assert all(torch.equal(ours['global']['state_dict'][k], v)
+                   for k, v in theirs['global']['state_dict'].items())

@@ -19,7 +19,8 @@ import resnet
 import runtime
 import training
 import utils
-from conftest import DEVICES, ROOT, Killed, exits_with_error, kill_after_round
+from conftest import (DEVICES, ROOT, Killed, assert_same_best, exits_with_error,
+                      kill_after_round)
 
 TIMINGS = ('train_seconds', 'eval_seconds', 'wall_seconds')
 
@@ -500,14 +501,7 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
         assert len(shown) == kill_after - 1  # the kill came before the log
         mf.main([f'--resume={folder}'])
         assert without_timings(rows(folder)) == without_timings(rows(whole))
-        ours, theirs = (torch.load(os.path.join(f, 'best.pt'), weights_only=True)
-                        for f in (folder, whole))
-        assert ours['round'] == theirs['round']
-        for a, b in zip(ours['clients'], theirs['clients']):
-            assert all(torch.equal(a['state_dict'][k], b['state_dict'][k])
-                       for k in b['state_dict'])
-        assert all(torch.equal(ours['global']['state_dict'][k], v)
-                   for k, v in theirs['global']['state_dict'].items())
+        assert_same_best(folder, whole)
 
 
 @pytest.mark.parametrize('args, phrases', [

@@ -19,7 +19,7 @@ import torch
 import federated
 import main_federated as mf
 import runtime
-from conftest import kill_after_round
+from conftest import assert_same_best, kill_after_round
 
 flwr = pytest.importorskip('flwr', reason='Flower is not installed: pip install -r '
                                           'requirements-flower.txt')
@@ -122,12 +122,7 @@ def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, t
     (flower_cfg, script_cfg), (flower_parts, script_parts) = configs
     assert {**flower_cfg, 'results_dir': ''} == {**script_cfg, 'results_dir': ''}
     assert flower_parts == script_parts
-    best, best_expected = (torch.load(os.path.join(f, 'best.pt'), weights_only=True)
-                           for f in (folder, expected))
-    assert best['round'] == best_expected['round']
-    for ours, theirs in zip(best['clients'], best_expected['clients']):
-        assert all(torch.equal(ours['state_dict'][k], theirs['state_dict'][k])
-                   for k in theirs['state_dict'])
+    assert_same_best(folder, expected)
 
 
 def test_a_flower_run_killed_after_round_1_and_resumed_equals_an_uninterrupted_one(

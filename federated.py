@@ -498,17 +498,27 @@ def sample_clients(cfg, sampler):
 # --- evaluation and the round's row ------------------------------------------------------------
 
 @torch.no_grad()
-def sharpness(model, images, labels):
-    """(mean entropy in nats, mean largest probability) of the model's predictions."""
+def teacher_scores(model, images, labels, classes):
+    """How the global model, a client's teacher, predicts the client's images: its mean entropy
+    (nats) and largest probability over the 10 classes, and its accuracy and mean entropy with
+    the argmax and the softmax taken over the client's own `classes` only (those of its
+    training images), which is all a client's labels can ask of it."""
     model.eval()
-    entropy = torch.zeros((), device=labels.device)
-    top = torch.zeros((), device=labels.device)
-    for x, _ in data.eval_batches(images, labels):
-        p = F.softmax(model(x), dim=1)
-        entropy -= torch.xlogy(p, p).sum()
-        top += p.max(1).values.sum()
-    n = labels.shape[0]
-    return entropy.item() / n, top.item() / n
+    sums = torch.zeros(4, device=labels.device)  # entropy, largest p, own correct, own entropy
+    for x, y in data.eval_batches(images, labels):
+        logits = model(x)
+        p = F.softmax(logits, dim=1)
+        own = F.softmax(logits[:, classes], dim=1)
+        sums += torch.stack([-torch.xlogy(p, p).sum(), p.max(1).values.sum(),
+                             (classes[own.argmax(1)] == y).sum(), -torch.xlogy(own, own).sum()])
+    entropy, top, correct, own_entropy = (sums / labels.shape[0]).tolist()
+    return {'global_val_entropy': entropy, 'global_val_maxprob': top,
+            'global_val_acc_own': correct, 'global_val_entropy_own': own_entropy}
+
+
+def own_classes(dataset):
+    """The classes of a client's training images, in increasing order."""
+    return torch.unique(dataset['train_y'])
 
 
 def fine_tune_seed(cfg, rnd, client):
@@ -539,8 +549,8 @@ def evaluate_client(cfg, client, state, global_model, dataset, rnd, trained=None
     """A client's entry of the round's row: its plan and sizes, its training metrics (`trained`,
     None when it did not train), the bytes it received and sent, and the accuracies of its model
     (quantized and full precision) and of the global model on its own validation and test
-    images, with the global model's prediction entropy and largest probability. The unit an
-    engine runs on a client after aggregation."""
+    images, with how it predicts the validation images as a teacher (teacher_scores). The unit
+    an engine runs on a client after aggregation."""
     arch, bits = client_plan(cfg, client)
     personal = cfg['algorithm'] in PERSONALISED
     entry = {'client': client, 'arch': arch if personal else cfg['global_arch'],
@@ -550,14 +560,14 @@ def evaluate_client(cfg, client, state, global_model, dataset, rnd, trained=None
              'n_test': dataset['test_y'].shape[0], 'sampled': trained is not None,
              'bytes_down': sent_bytes if trained is not None else 0,
              'bytes_up': sent_bytes if trained is not None else 0, **(trained or {}),
-             'global_val_acc': None, 'global_test_acc': None, 'global_val_entropy': None,
-             'global_val_maxprob': None}
+             'global_val_acc': None, 'global_test_acc': None,
+             **dict.fromkeys(TEACHER_SCORES)}
     if global_model is not None:
         global_accs = accuracies(global_model, dataset)
         entry['global_val_acc'], entry['global_test_acc'] = (global_accs['val_acc'],
                                                              global_accs['test_acc'])
-        entry['global_val_entropy'], entry['global_val_maxprob'] = sharpness(
-            global_model, dataset['val_x'], dataset['val_y'])
+        entry.update(teacher_scores(global_model, dataset['val_x'], dataset['val_y'],
+                                    own_classes(dataset)))
     if personal:
         evaluation = training.evaluate_state(state, dataset)
         entry.update(q_val_acc=evaluation['q_val_acc'], q_test_acc=evaluation['q_test_acc'],
@@ -587,7 +597,9 @@ def summary(values, weights):
 
 
 SUMMARISED = [(f'{model}_{split}_acc', f'n_{split}') for model in ('q', 'fp', 'global')
-              for split in ('val', 'test')]
+              for split in ('val', 'test')] + [('global_val_acc_own', 'n_val')]
+TEACHER_SCORES = ('global_val_entropy', 'global_val_maxprob', 'global_val_acc_own',
+                  'global_val_entropy_own')
 
 
 def round_row(cfg, rnd, entries, timings):
@@ -597,7 +609,7 @@ def round_row(cfg, rnd, entries, timings):
     for key, count in SUMMARISED:
         for stat, value in summary([c[key] for c in entries], [c[count] for c in entries]).items():
             row[f'{key}_{stat}'] = value
-    for key in ('global_val_entropy', 'global_val_maxprob'):
+    for key in ('global_val_entropy', 'global_val_maxprob', 'global_val_entropy_own'):
         row[key] = summary([c[key] for c in entries], [c['n_val'] for c in entries])['weighted']
     sched = round_schedule(cfg, rnd, cfg['client_archs'][0])
     personal = cfg['algorithm'] in PERSONALISED

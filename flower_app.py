@@ -409,7 +409,7 @@ def serve_in(grid, cfg, checkpoint, folder, dev):
         run['best'] = checkpoint['best']
         runtime.write_rows(folder, rows)
         print(f"resuming {folder} after round {len(rows)}")
-    runtime.write_json(os.path.join(folder, 'config.json'), cfg)
+    runtime.write_config(folder, cfg)
     runtime.write_json(os.path.join(folder, 'partition.json'), parts)
     runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: flower_round(grid, cfg, run, rnd),
                        lambda rows: save(cfg, run, rows), federated.round_line(cfg), 'round',

@@ -391,7 +391,7 @@ def train_in(cfg, checkpoint, folder, state, cifar, dev, fingerprint):
     print('config: ' + json.dumps(cfg))
     if not cfg['fp']:
         print(QUIRK_5.format(freeze=cfg['freeze_epoch']))
-    runtime.write_json(os.path.join(folder, 'config.json'), cfg)
+    runtime.write_config(folder, cfg)
     runtime.train_loop(folder, rows, total_epochs(cfg),
                        lambda epoch: run_epoch(cfg, state, cifar, epoch),
                        lambda rows: save(cfg, state, folder, rows, fingerprint), epoch_line,

@@ -186,7 +186,7 @@ def train(cfg, overrides):
             runtime.write_rows(folder, rows)  # a log a kill left behind last.pt catches up
             print(f"resuming {folder} after round {len(rows)}")
         print('config: ' + json.dumps(cfg))
-        runtime.write_json(os.path.join(folder, 'config.json'), cfg)
+        runtime.write_config(folder, cfg)
         runtime.write_json(os.path.join(folder, 'partition.json'), parts)
         runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: run_round(cfg, run, rnd),
                            lambda rows: save(cfg, run, folder, rows), federated.round_line(cfg),

@@ -10,8 +10,11 @@ import io
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -24,6 +27,8 @@ import data
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 INTERRUPTED = 130  # the shell's exit status for a Ctrl-C
+TERMINATED = 143  # and for a SIGTERM
+PARENT_ENV = 'QUPED_PARENT_PID'  # set by sweep.py: a run stops (as on SIGTERM) once it is gone
 
 
 class ConfigError(Exception):
@@ -31,7 +36,34 @@ class ConfigError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run; the message names what was kept and how to continue."""
+    """Ctrl-C or SIGTERM during a run; the message names what was kept and how to continue."""
+
+    def __init__(self, message, status=INTERRUPTED):
+        super().__init__(message)
+        self.status = status
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, handled as a Ctrl-C is (stop_on_sigterm)."""
+
+
+def exit_status(interrupt):
+    """The exit status for a KeyboardInterrupt: 143 for a SIGTERM, 130 for a Ctrl-C."""
+    return TERMINATED if isinstance(interrupt, Terminated) else INTERRUPTED
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def stop_with_parent(parent):
+    """SIGTERM this process once `parent` (a pid) is no longer its parent: a run whose sweep was
+    killed outright stops, keeping its last completed round, instead of training on alone."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class Diverged(Exception):
@@ -257,6 +289,37 @@ def current_umask():
     return mask
 
 
+def code_version():
+    """{'commit', 'clean'} of the git checkout this code runs from (None where it is not one):
+    clean is False when tracked files differ from the commit or untracked ones are present."""
+    def git(*args):
+        return subprocess.run(['git', '-C', os.path.dirname(os.path.abspath(__file__)), *args],
+                              capture_output=True, text=True, timeout=30)
+    try:
+        head, changes = git('rev-parse', 'HEAD'), git('status', '--porcelain')
+    except (OSError, subprocess.SubprocessError):
+        return {'commit': None, 'clean': None}
+    if head.returncode != 0 or changes.returncode != 0:
+        return {'commit': None, 'clean': None}
+    return {'commit': head.stdout.strip(), 'clean': not changes.stdout.strip()}
+
+
+def write_config(folder, cfg):
+    """config.json: the run's configuration, and under 'code' the version of the code of every
+    process that started or resumed it (code_version), the first one first."""
+    path = os.path.join(folder, 'config.json')
+    versions = []
+    try:
+        with open(path) as f:
+            versions = json.load(f).get('code') or []
+    except (OSError, ValueError, AttributeError):
+        pass
+    current = code_version()
+    if not versions or versions[-1] != current:
+        versions.append(current)
+    write_json(path, {**{k: v for k, v in cfg.items() if k != 'code'}, 'code': versions})
+
+
 def write_json(path, obj):
     write_atomic(path, (json.dumps(obj, indent=1) + '\n').encode())
 
@@ -326,11 +389,11 @@ def new_run_folder(results_dir, name, resume_hint):
 
 
 @contextlib.contextmanager
-def locked(folder):
-    """An exclusive lock on folder/.lock while the body runs (the operating system drops it if
-    the process dies): a second process that tries to train the same run folder is refused
-    instead of writing over it."""
-    path = os.path.join(folder, '.lock')
+def locked(folder, name='.lock', doing='training'):
+    """An exclusive lock on folder/name while the body runs (the operating system drops it if
+    the process dies): a second process that tries to train the same run folder (or run the
+    same sweep) is refused instead of writing over it."""
+    path = os.path.join(folder, name)
     try:
         handle = open(path, 'a+')
     except OSError as e:
@@ -340,9 +403,9 @@ def locked(folder):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"another process is training {folder} (it holds {path}): wait "
+            raise ConfigError(f"another process is {doing} {folder} (it holds {path}): wait "
                               f"for it to end, or stop it, before running or resuming this "
-                              f"run.") from None
+                              f"{'run' if doing == 'training' else 'sweep'}.") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -384,6 +447,7 @@ def read_resume(folder, overrides, resumable, marker, script):
         raise ConfigError(f"{path if checkpoint is None and os.path.isfile(path) else config_path}"
                           f" cannot be read ({type(e).__name__}); it is damaged. Start a new run "
                           f"instead.") from None
+    cfg.pop('code', None)  # config.json's record of the code, not a hyperparameter
     if marker not in cfg:
         other = 'main_federated.py' if 'rounds' in cfg else 'main_centralized.py'
         raise ConfigError(f"--resume={folder}: that folder holds a run of {other}, not of "
@@ -515,9 +579,10 @@ def train_loop(folder, rows, total, step, save, line, unit, resume_hint, lists=N
             write_rows(folder, rows, lists)
             clock.tick()
             print(line(row, total, clock.left(total - len(rows))), flush=True)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: {kept(folder, saved, unit)}; continue with: "
-                          f"{resume_hint(folder)}") from None
+    except KeyboardInterrupt as e:
+        what = 'terminated' if isinstance(e, Terminated) else 'interrupted'
+        raise Interrupted(f"{what}: {kept(folder, saved, unit)}; continue with: "
+                          f"{resume_hint(folder)}", exit_status(e)) from None
     except OSError as e:
         raise OutputError(f"could not write the outputs of {unit} {saved + 1} ({e.strerror}: "
                           f"{e.filename}); the run stopped and {kept(folder, saved, unit)}. Make "
@@ -536,14 +601,18 @@ def run_guarded(body, argv, errors, help_text=None):
         except BrokenPipeError:  # `--help | head`: the reader has gone, which is fine
             sys.stdout = open(os.devnull, 'w')
         return None
+    signal.signal(signal.SIGTERM, raise_terminated)
+    if os.environ.get(PARENT_ENV, '').isdigit():
+        stop_with_parent(int(os.environ[PARENT_ENV]))
     try:
         return body(argv)
     except Interrupted as e:
         print(str(e), file=sys.stderr)
-        raise SystemExit(INTERRUPTED)
-    except KeyboardInterrupt:
-        print("interrupted before the run began: nothing was written.", file=sys.stderr)
-        raise SystemExit(INTERRUPTED)
+        raise SystemExit(e.status)
+    except KeyboardInterrupt as e:
+        what = 'terminated' if isinstance(e, Terminated) else 'interrupted'
+        print(f"{what} before the run began: nothing was written.", file=sys.stderr)
+        raise SystemExit(exit_status(e))
     except (ConfigError, Diverged, OutputError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -9,12 +9,15 @@ runs qupel with lambda_p 1.0 and the other algorithms with the single --lambda_p
 method with the hyperparameters chosen for it). Each run is `python SCRIPT
 --results_dir=<results_dir>/<sweep> --run_name=<its axis values> ...`, its output in
 logs/<run name>.log. Running the same command again skips the finished runs and resumes killed
-ones (`--resume`), so a sweep can be stopped at any moment. Then it writes, into the sweep's
-folder, summary.json and summary.md: per setting (the axis values but the seed), the mean and
-standard deviation over seeds of the test accuracy at the round chosen on validation and at the
-last round (weighted by test images, and the mean over clients), and each setting's paired
-difference from the setting with `--compare=<axis>` equal to a `--baseline`, its other values
-the same, with a 95 % interval over seeds and clients (summarise). `python plot.py
+ones (`--resume`), so a sweep can be stopped at any moment; a folder whose runs were made with
+other settings is refused (sweep.json records each run's arguments, config.json its resolved
+configuration). Then it writes, into the sweep's folder, summary.json and summary.md: per
+setting (the axis values but the seed), the mean and standard deviation over seeds of the test
+accuracy at the round chosen on validation and at the last round (weighted by test images, and
+the mean over clients), and each setting's paired difference from the setting with
+`--compare=<axis>` equal to a `--baseline`, its other values the same. Seeds are the unit: one
+difference per seed (of the mean over the seed's clients, and of the image-weighted accuracy),
+and a t interval over those, seeds - 1 degrees of freedom (`paired`). `python plot.py
 --sweep=<folder>` draws it.
 
 Options of the sweep itself: --sweep=NAME (its folder under results_dir; default: the script's
@@ -22,6 +25,7 @@ name and the date), --compare=NAME (default: algorithm when it is an axis),
 --baseline=VALUE[,VALUE...], --jobs=N runs at a time (default 1), --threads=N torch threads per
 run (default: the CPUs divided among the jobs).
 """
+import concurrent.futures
 import datetime
 import itertools
 import json
@@ -31,12 +35,16 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
+import threading
+
+import scipy.stats
 
 import runtime
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OPTIONS = ('sweep', 'compare', 'baseline', 'jobs', 'threads')
+LEVEL = 0.95  # the paired intervals' coverage
+RECORD = 'sweep.json'  # the script and every run's arguments, as the sweep gave them
 
 
 class SweepError(Exception):
@@ -63,6 +71,21 @@ def parse_args(argv):
         else:
             grid.setdefault(name, []).append(text)
     return script, options, grid
+
+
+def positive_option(options, name, default):
+    """An option that counts something (--jobs, --threads): a whole number of 1 or more."""
+    text = options.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SweepError(f"--{name}={text} is not a whole number of 1 or more: give e.g. "
+                         f"--{name}=2.")
+    return value
 
 
 def runs_of(grid):
@@ -101,6 +124,48 @@ def run_name(run, axes):
     return ','.join(f'{name}={split_value(run[name])[0]}' for name in axes) or 'run'
 
 
+# --- the runs' folders -------------------------------------------------------------------------
+
+class Damaged(Exception):
+    """A run folder whose files cannot be read; the message says which and why."""
+
+
+def read_json_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except PermissionError:
+        raise Damaged(f"{path} cannot be read: permission denied") from None
+    except (OSError, ValueError) as e:
+        raise Damaged(f"{path} is not readable JSON ({e})") from None
+
+
+def read_rows(folder):
+    path = os.path.join(folder, 'metrics.jsonl')
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except PermissionError:
+        raise Damaged(f"{path} cannot be read: permission denied") from None
+    except ValueError:
+        raise Damaged(f"line {number} of {path} is not JSON") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise Damaged(f"{path} holds a row that is not a JSON object")
+    return rows
+
+
+def read_config(folder):
+    cfg = read_json_file(os.path.join(folder, 'config.json'))
+    if not isinstance(cfg, dict):
+        raise Damaged(f"{os.path.join(folder, 'config.json')} is not a configuration")
+    return cfg
+
+
 def total_of(cfg):
     """The rounds or epochs a run's configuration asks for."""
     if 'rounds' in cfg:
@@ -108,24 +173,74 @@ def total_of(cfg):
     return cfg['fp_epochs'] if cfg.get('fp') else cfg['EPOCHS']
 
 
-def read_rows(folder):
-    path = os.path.join(folder, 'metrics.jsonl')
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_config(folder):
-    with open(os.path.join(folder, 'config.json')) as f:
-        return json.load(f)
-
-
 def status(folder):
     """'new', 'finished' or 'killed' (a folder the script has written config.json into)."""
     if not os.path.isfile(os.path.join(folder, 'config.json')):
         return 'new'
     return 'finished' if len(read_rows(folder)) >= total_of(read_config(folder)) else 'killed'
+
+
+def same_value(saved, text):
+    """Whether the argument `text` asks for the value a run's config.json holds."""
+    default = tuple(saved) if isinstance(saved, list) else saved
+    try:
+        return runtime.parse_value({'value': default}, 'value', text) == default
+    except runtime.ConfigError:
+        return False
+
+
+def changed_settings(folder, asked, recorded):
+    """The settings of the run in `folder` that differ from the arguments `asked`: against its
+    config.json, and against the arguments the sweep gave it before (`recorded`, or None)."""
+    cfg = read_config(folder)
+    changes = [f"{name} ({cfg.get(name, 'absent')!r} in its config.json, {text} now)"
+               for name, text in asked.items() if name not in cfg or
+               not same_value(cfg[name], text)]
+    for name, text in (recorded or {}).items():
+        if name not in asked and name not in ('results_dir', 'run_name'):
+            changes.append(f"{name} (given as {text} before, not now)")
+    return changes
+
+
+def check_same_settings(sweep_dir, runs, axes, results_dir):
+    """A sweep folder's existing runs must have been made with the arguments asked now, so that
+    a rerun never passes old numbers off as new."""
+    recorded = {}
+    if os.path.isfile(os.path.join(sweep_dir, RECORD)):
+        try:
+            recorded = read_json_file(os.path.join(sweep_dir, RECORD))['runs']
+        except (Damaged, KeyError, TypeError) as e:
+            raise SweepError(f"{os.path.join(sweep_dir, RECORD)} cannot be read ({e}): restore "
+                             f"it or start a new --sweep name.") from None
+    problems = []
+    for run in runs:
+        name = run_name(run, axes)
+        folder = os.path.join(sweep_dir, name)
+        if os.path.isfile(os.path.join(folder, 'config.json')):
+            try:
+                changes = changed_settings(folder, arguments(run), recorded.get(name))
+            except Damaged as e:
+                raise SweepError(f"{e}: the run {folder} cannot be checked against this sweep's "
+                                 f"settings; move that folder away to run it anew.") from None
+            if changes:
+                problems.append(f"{name}: {', '.join(changes)}")
+    if problems:
+        free = next(f"{os.path.basename(sweep_dir)}-{i}" for i in itertools.count(2)
+                    if not os.path.exists(os.path.join(results_dir,
+                                                       f"{os.path.basename(sweep_dir)}-{i}")))
+        raise SweepError(f"{sweep_dir} holds runs made with other settings than these, and a "
+                         f"sweep never reports them as this one's: {'; '.join(problems)}. Give "
+                         f"this grid a new name, e.g. --sweep={free}, or the settings those runs "
+                         f"were made with.")
+
+
+def record_runs(sweep_dir, script, runs, axes):
+    """sweep.json: the script and each run's arguments (earlier runs of the folder kept)."""
+    path = os.path.join(sweep_dir, RECORD)
+    record = read_json_file(path) if os.path.isfile(path) else {'runs': {}}
+    record['script'] = os.path.basename(script)
+    record['runs'].update({run_name(run, axes): arguments(run) for run in runs})
+    runtime.write_json(path, record)
 
 
 def command(script, folder, run, sweep_dir):
@@ -144,104 +259,96 @@ def log_path(folder):
     return os.path.join(logs, f'{os.path.basename(folder)}.log')
 
 
+class Children:
+    """The runs' processes while they run, each in a session of its own so that only the sweep
+    signals them: Ctrl-C or SIGTERM to the sweep stops every one (each keeps its last completed
+    round), and a run whose sweep is killed outright stops itself (runtime.PARENT_ENV)."""
+
+    def __init__(self, env):
+        self.env, self.active, self.stopping = env, {}, False
+        self.lock = threading.Lock()
+
+    def run(self, folder, cmd):
+        """Run one, its output appended to its log; its exit status (None: not started)."""
+        with open(log_path(folder), 'a') as log, self.lock:
+            if self.stopping:
+                return None
+            print(f"start {os.path.basename(folder)}", flush=True)
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                       cwd=ROOT, start_new_session=True)
+            self.active[folder] = process
+        code = process.wait()
+        with self.lock:
+            del self.active[folder]
+        return code
+
+    def stop(self, signum):
+        with self.lock:
+            self.stopping = True
+            processes = list(self.active.values())
+        for process in processes:
+            process.send_signal(signum)
+        for process in processes:
+            process.wait()
+
+
+def stop_on_sigterm(signum, frame):
+    raise runtime.Terminated
+
+
 def run_all(script, runs, axes, sweep_dir, jobs, threads):
     """Run every run that is not finished, `jobs` at a time; each one's output goes to
-    logs/<run name>.log in the sweep's folder. Ctrl-C stops them (each keeps its last completed
-    round)."""
+    logs/<run name>.log in the sweep's folder. Returns the folders that failed."""
     pending = []
     for run in runs:
         folder = os.path.join(sweep_dir, run_name(run, axes))
-        state = status(folder)
+        try:
+            state = status(folder)
+        except Damaged as e:
+            print(f"{os.path.basename(folder)}: damaged ({e}); left out, not run")
+            continue
         print(f"{os.path.basename(folder)}: {state}")
         if state != 'finished':
             pending.append((folder, command(script, folder, run, sweep_dir)))
-    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
-    active, failed = [], []
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads),
+           runtime.PARENT_ENV: str(os.getpid())}
+    children = Children(env)
+    failed = []
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     try:
-        while pending or active:
-            while pending and len(active) < jobs:
-                folder, cmd = pending.pop(0)
-                log = open(log_path(folder), 'a')
-                print(f"start {os.path.basename(folder)}", flush=True)
-                active.append((folder, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                        env=env, cwd=ROOT), log))
-            time.sleep(0.2)
-            for item in list(active):
-                folder, process, log = item
-                if process.poll() is not None:
-                    log.close()
-                    active.remove(item)
-                    state = 'finished' if process.returncode == 0 else (
-                        f'failed (exit status {process.returncode}, see {log_path(folder)})')
-                    print(f"{os.path.basename(folder)}: {state}", flush=True)
-                    if process.returncode != 0:
-                        failed.append(folder)
-    except KeyboardInterrupt:
-        for _, process, _ in active:
-            process.send_signal(signal.SIGINT)
-        for _, process, log in active:
-            process.wait()
-            log.close()
+        futures = {executor.submit(children.run, folder, cmd): folder for folder, cmd in pending}
+        for future in concurrent.futures.as_completed(futures):
+            folder, code = futures[future], future.result()
+            state = 'finished' if code == 0 else (
+                f'failed (exit status {code}, see {log_path(folder)})')
+            print(f"{os.path.basename(folder)}: {state}", flush=True)
+            if code != 0:
+                failed.append(folder)
+    except KeyboardInterrupt as e:
+        children.stop(signal.SIGTERM if isinstance(e, runtime.Terminated) else signal.SIGINT)
         raise
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
     return failed
 
 
 # --- statistics --------------------------------------------------------------------------------
 
-def incomplete_beta(a, b, x):
-    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Lentz's
-    method, as in Numerical Recipes)."""
-    if x <= 0 or x >= 1:
-        return 0.0 if x <= 0 else 1.0
-    if x > (a + 1) / (a + b + 2):
-        return 1 - incomplete_beta(b, a, 1 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                     + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny, c, d = 1e-300, 1.0, 0.0
-    f = None
-    for i in range(400):
-        m = i // 2
-        if i == 0:
-            numerator = 1.0
-        elif i % 2 == 0:
-            numerator = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        else:
-            numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1 + numerator * d
-        d = 1 / (d if abs(d) > tiny else tiny)
-        c = 1 + numerator / c
-        c = c if abs(c) > tiny else tiny
-        f = (c * d) if f is None else f * c * d
-        if abs(1 - c * d) < 1e-15:
-            break
-    return front * (f - 1)
-
-
-def student_t_cdf(t, df):
-    x = df / (df + t * t)
-    tail = 0.5 * incomplete_beta(df / 2, 0.5, x)
-    return 1 - tail if t > 0 else tail
-
-
-def student_t_quantile(p, df):
-    """The p-quantile of Student's t with `df` degrees of freedom, by bisection."""
-    low, high = -1e3, 1e3
-    for _ in range(200):
-        mid = (low + high) / 2
-        low, high = (mid, high) if student_t_cdf(mid, df) < p else (low, mid)
-    return (low + high) / 2
-
-
-def mean_and_interval(values, level=0.95):
-    """{'mean', 'std', 'n', 'low', 'high'}: a t interval for the mean of `values`, taken as
-    independent (None bounds for fewer than two)."""
+def mean_and_interval(values, level=LEVEL):
+    """{'mean', 'std', 'n', 'low', 'high', 'half_width'}: a t interval (n - 1 degrees of
+    freedom) for the mean of `values`, taken as independent draws; no interval (None) for fewer
+    than two."""
     n = len(values)
     mean = statistics.fmean(values)
     if n < 2:
-        return {'mean': mean, 'std': None, 'n': n, 'low': None, 'high': None}
+        return {'mean': mean, 'std': None, 'n': n, 'low': None, 'high': None,
+                'half_width': None}
     std = statistics.stdev(values)
-    half = student_t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
-    return {'mean': mean, 'std': std, 'n': n, 'low': mean - half, 'high': mean + half}
+    half = scipy.stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return {'mean': mean, 'std': std, 'n': n, 'low': mean - half, 'high': mean + half,
+            'half_width': half}
 
 
 def over_seeds(values):
@@ -251,49 +358,86 @@ def over_seeds(values):
 
 # --- summary -----------------------------------------------------------------------------------
 
+def accuracy_keys(row):
+    """(validation, test) keys of a centralized row: the quantized model's, or the
+    full-precision one's in an fp run, which has no quantized model."""
+    return ('q_val_acc', 'q_test_acc') if 'q_test_acc' in row else ('val_acc', 'test_acc')
+
+
 def run_results(folder):
     """A finished run's test accuracies at the round (epoch) chosen on validation and at the
-    last: weighted, mean over clients, and per client (a centralized run is one client).
-    Without validation images nothing is chosen: 'selected' is None."""
+    last: weighted, mean over clients, and per client ({client id: [accuracy, test images]}; a
+    centralized run is one client). Without validation images nothing is chosen: 'selected' is
+    None. Raises Damaged for rows it cannot read."""
     cfg, rows = read_config(folder), read_rows(folder)
-    if 'rounds' in cfg:
-        selected = max(rows, key=lambda row: row['q_val_acc_weighted'])
+    try:
+        if 'rounds' in cfg:
+            selected = max(rows, key=lambda row: row['q_val_acc_weighted'])
 
-        def accuracies(row):
-            return {'weighted': row['q_test_acc_weighted'], 'mean': row['q_test_acc_mean'],
-                    'round': row['round'], 'clients': [c['q_test_acc'] for c in row['clients']]}
-    else:
-        selected = (max(rows, key=lambda row: row['q_val_acc']) if cfg.get('val_fraction')
-                    else None)
+            def accuracies(row):
+                return {'weighted': row['q_test_acc_weighted'], 'mean': row['q_test_acc_mean'],
+                        'round': row['round'], 'clients': {
+                            str(c['client']): [c['q_test_acc'], c['n_test']]
+                            for c in row['clients']}}
+        else:
+            val, test = accuracy_keys(rows[0])
+            selected = (max(rows, key=lambda row: row[val]) if cfg.get('val_fraction')
+                        else None)
 
-        def accuracies(row):
-            return {'weighted': row['q_test_acc'], 'mean': row['q_test_acc'],
-                    'round': row['epoch'], 'clients': [row['q_test_acc']]}
-    return {'selected': None if selected is None else accuracies(selected),
-            'last': accuracies(rows[-1])}
+            def accuracies(row):
+                return {'weighted': row[test], 'mean': row[test], 'round': row['epoch'],
+                        'clients': {'0': [row[test], None]}}
+        return {'selected': None if selected is None else accuracies(selected),
+                'last': accuracies(rows[-1]), 'code': cfg.get('code')}
+    except (KeyError, TypeError, IndexError) as e:
+        raise Damaged(f"{os.path.join(folder, 'metrics.jsonl')} lacks {e} in a row") from None
 
 
-def paired(results, baseline_results, when):
-    """The per-client differences from the baseline at `when` ('selected' or 'last'), pooled
-    over the seeds both settings ran."""
-    differences = []
+def paired(results, baseline_results, when, names):
+    """The paired difference from the baseline at `when` ('selected' or 'last'), seeds as the
+    unit: per seed both settings ran, the difference of the mean over the seed's clients and of
+    the image-weighted accuracy, and a t interval over seeds for each. The two runs of a seed
+    must hold the same clients (ids and test images); `names[seed]` names the two runs."""
+    seeds, means, weighted = [], [], []
     for seed, result in results.items():
-        if seed in baseline_results and result[when] and baseline_results[seed][when]:
-            ours, theirs = result[when]['clients'], baseline_results[seed][when]['clients']
-            differences += [a - b for a, b in zip(ours, theirs)]
-    return mean_and_interval(differences) if differences else None
+        if seed not in baseline_results or not result[when] or not baseline_results[seed][when]:
+            continue
+        ours, theirs = result[when], baseline_results[seed][when]
+        mismatch = {c: v[1] for c, v in ours['clients'].items()} != {
+            c: v[1] for c, v in theirs['clients'].items()}
+        if mismatch:
+            raise SweepError(f"the runs {' and '.join(names[seed])} do not hold the same clients "
+                             f"(ids or test images differ), so they cannot be paired: compare "
+                             f"runs of the same partition (n_clients, partition and seed).")
+        seeds.append(seed)
+        means.append(statistics.fmean(ours['clients'][c][0] - theirs['clients'][c][0]
+                                      for c in ours['clients']))
+        weighted.append(ours['weighted'] - theirs['weighted'])
+    if not seeds:
+        return None
+    return {'unit': 'seed', 'seeds': seeds, 'differences_mean': means,
+            'differences_weighted': weighted, 'mean': mean_and_interval(means),
+            'weighted': mean_and_interval(weighted)}
 
 
 def summarise(sweep_dir, runs, axes, compare, baselines):
     """summary.json's contents: one entry per setting (the axis values but the seed), with its
-    paired differences from each of `baselines` (values of the compared axis)."""
-    settings = {}
+    paired differences from each of `baselines` (values of the compared axis); runs that cannot
+    be read are listed as left out, with the reason, and every commit the runs ran."""
+    settings, folders, left_out = {}, {}, []
     for run in runs:
         folder = os.path.join(sweep_dir, run_name(run, axes))
-        if status(folder) != 'finished':
+        try:
+            if status(folder) != 'finished':
+                continue
+            result = run_results(folder)
+        except Damaged as e:
+            left_out.append({'run': os.path.basename(folder), 'reason': str(e)})
             continue
         key = tuple((name, split_value(run[name])[0]) for name in axes if name != 'seed')
-        settings.setdefault(key, {})[run.get('seed', '')] = run_results(folder)
+        seed = run.get('seed', '')
+        settings.setdefault(key, {})[seed] = result
+        folders.setdefault(key, {})[seed] = os.path.basename(folder)
     entries = []
     for key, results in settings.items():
         entry = {'setting': dict(key), 'seeds': list(results)}
@@ -305,12 +449,18 @@ def summarise(sweep_dir, runs, axes, compare, baselines):
         for baseline in baselines:
             if dict(key).get(compare) == baseline:
                 continue
-            other = dict(key, **{compare: baseline})
-            match = settings.get(tuple((name, other[name]) for name, _ in key))
+            other = tuple((name, baseline if name == compare else value) for name, value in key)
+            match = settings.get(other)
+            names = {seed: (folders[key][seed], folders.get(other, {}).get(seed))
+                     for seed in results}
             entry['vs'][baseline] = None if match is None else {
-                when: paired(results, match, when) for when in ('selected', 'last')}
+                when: paired(results, match, when, names) for when in ('selected', 'last')}
         entries.append(entry)
-    return {'axes': axes, 'compare': compare, 'baselines': baselines, 'settings': entries}
+    commits = sorted({json.dumps(version, sort_keys=True) for results in settings.values()
+                      for r in results.values() for version in (r['code'] or [None])})
+    return {'axes': axes, 'compare': compare, 'baselines': baselines, 'unit': 'seed',
+            'level': LEVEL, 'settings': entries, 'left_out': left_out,
+            'code': [json.loads(c) for c in commits]}
 
 
 def percent(stats):
@@ -321,33 +471,54 @@ def percent(stats):
 
 
 def difference(stats):
+    """'+1.2 [-0.3, +2.7] ±1.5' in points: mean, interval, half-width."""
     if stats is None:
         return '-'
     if stats['low'] is None:
-        return f"{100 * stats['mean']:+.1f}"
-    return f"{100 * stats['mean']:+.1f} [{100 * stats['low']:+.1f}, {100 * stats['high']:+.1f}]"
+        return f"{100 * stats['mean']:+.1f} (1 seed: no interval)"
+    return (f"{100 * stats['mean']:+.1f} [{100 * stats['low']:+.1f}, {100 * stats['high']:+.1f}]"
+            f" ±{100 * stats['half_width']:.1f}")
+
+
+def per_seed(versus):
+    if versus is None:
+        return '-'
+    return ', '.join(f"{seed}: {100 * d:+.1f}"
+                     for seed, d in zip(versus['seeds'], versus['differences_mean']))
 
 
 def summary_markdown(summary):
-    """A markdown table of summary.json: accuracies in percent, mean ± std over seeds."""
+    """A markdown table of summary.json: accuracies in percent, mean ± std over seeds; paired
+    differences in points with their interval over seeds."""
     axes = [a for a in summary['axes'] if a != 'seed']
     header = [*axes, 'seeds', 'test acc at val-selected round (weighted)', '(mean over clients)',
               'last round (weighted)', '(mean over clients)']
     for baseline in summary['baselines']:
-        header += [f"vs {baseline}: selected round [95 % CI]", 'last round [95 % CI]']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+        header += [f"vs {baseline}: selected round, mean over clients [95 % CI] ±half",
+                   'per seed', 'image-weighted [95 % CI]', 'last round [95 % CI]']
+    lines = [f"Paired differences in points: seeds are the unit (one difference per seed, of the "
+             f"mean over its clients or of the image-weighted accuracy; t interval, "
+             f"{100 * summary['level']:.0f} %, seeds - 1 degrees of freedom).", '',
+             '| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for entry in summary['settings']:
-        cells = [entry['setting'][a] for a in axes] + [str(len(entry['seeds']))]
+        cells = [entry['setting'][a] for a in axes] + [', '.join(entry['seeds'])]
         cells += [percent(entry[k]) for k in ('selected_weighted', 'selected_mean',
                                               'last_weighted', 'last_mean')]
         for baseline in summary['baselines']:
             versus = entry['vs'].get(baseline)
             if entry['setting'].get(summary['compare']) == baseline:
-                cells += ['(baseline)', '']
+                cells += ['(baseline)', '', '', '']
             else:
-                cells += [difference(versus and versus['selected']),
-                          difference(versus and versus['last'])]
+                selected, last = (versus or {}).get('selected'), (versus or {}).get('last')
+                cells += [difference(selected and selected['mean']), per_seed(selected),
+                          difference(selected and selected['weighted']),
+                          difference(last and last['mean'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    for item in summary['left_out']:
+        lines.append(f"\nLeft out: {item['run']}: {item['reason']}.")
+    commits = ', '.join(f"{c['commit'][:12]}{'' if c['clean'] else ' (uncommitted changes)'}"
+                        if c and c.get('commit') else 'unrecorded' for c in summary['code'])
+    lines.append(f"\nCode: {commits or 'no run'}.")
     return '\n'.join(lines) + '\n'
 
 
@@ -356,49 +527,86 @@ def write_summary(sweep_dir, runs, axes, compare, baselines):
     runtime.write_json(os.path.join(sweep_dir, 'summary.json'), summary)
     table = summary_markdown(summary)
     runtime.write_atomic(os.path.join(sweep_dir, 'summary.md'), table.encode())
-    return table
+    return table, summary
+
+
+def check_options(options, grid, axes):
+    """(compare, baselines) from the options, checked against the grid."""
+    compare = options.get('compare', 'algorithm' if 'algorithm' in axes else None)
+    if compare is not None and compare not in axes:
+        raise SweepError(f"--compare={compare} is not an axis of the grid (the names given "
+                         f"more than once: {', '.join(axes) or 'none'}).")
+    baselines = [b for b in options.get('baseline', '').split(',') if b]
+    if baselines and compare is None:
+        raise SweepError(f"--baseline={options['baseline']} needs an axis to compare along: give "
+                         f"--compare=NAME, the name of a hyperparameter given more than once "
+                         f"({', '.join(axes) or 'the grid has none yet'}).")
+    values = [split_value(v)[0] for v in grid.get(compare, [])]
+    wrong = [b for b in baselines if b not in values]
+    if wrong:
+        raise SweepError(f"--baseline={','.join(wrong)} is not a value of the compared axis "
+                         f"{compare}: give one of {', '.join(values)}.")
+    return compare, baselines
+
+
+def sweep_folder(options, grid, script):
+    """results_dir/<sweep name>, the name checked to stay inside results_dir."""
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    name = options.get('sweep') or f"sweep_{os.path.splitext(os.path.basename(script))[0]}_" \
+                                    f"{stamp}"
+    results_dir = grid.pop('results_dir', ['Results'])[0]
+    try:
+        runtime.check_run_name(results_dir, name)
+    except runtime.ConfigError as e:
+        raise SweepError(str(e).replace('--run_name', '--sweep')) from None
+    return results_dir, os.path.join(results_dir, name)
+
+
+def sweep(argv):
+    script, options, grid = parse_args(argv)
+    if not grid:
+        raise SweepError("give the grid's hyperparameters, e.g. --seed=1 --seed=2.")
+    results_dir, sweep_dir = sweep_folder(options, grid, script)
+    axes = axes_of(grid)
+    compare, baselines = check_options(options, grid, axes)
+    jobs = positive_option(options, 'jobs', 1)
+    threads = positive_option(options, 'threads', max(1, (os.cpu_count() or 1) // jobs))
+    runs = runs_of(grid)
+    try:
+        os.makedirs(sweep_dir, exist_ok=True)
+    except OSError as e:
+        raise SweepError(f"cannot create the sweep folder {sweep_dir} ({e.strerror}): choose a "
+                         f"writable --results_dir.") from None
+    with runtime.locked(sweep_dir, 'sweep.lock', 'running the sweep in'):
+        check_same_settings(sweep_dir, runs, axes, results_dir)
+        record_runs(sweep_dir, script, runs, axes)
+        failed = run_all(os.path.abspath(script), runs, axes, sweep_dir, jobs, threads)
+        table, summary = write_summary(sweep_dir, runs, axes, compare, baselines)
+    print(table)
+    print(f"summary: {os.path.join(sweep_dir, 'summary.md')} and summary.json")
+    if failed:
+        raise SweepError(f"{len(failed)} runs failed: {', '.join(failed)}; read their logs "
+                         f"in {os.path.join(sweep_dir, 'logs')}, fix the cause and run the "
+                         f"same command again.")
+    if summary['left_out']:
+        raise SweepError(f"the summary leaves out {len(summary['left_out'])} runs it cannot "
+                         f"read: " + '; '.join(f"{i['run']} ({i['reason']})"
+                                               for i in summary['left_out']) +
+                         ". Restore those files, or move the runs' folders away and run the "
+                         "same command again to run them anew.")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        script, options, grid = parse_args(argv)
-        if not grid:
-            raise SweepError("give the grid's hyperparameters, e.g. --seed=1 --seed=2.")
-        axes = axes_of(grid)
-        compare = options.get('compare', 'algorithm' if 'algorithm' in axes else None)
-        if compare is not None and compare not in axes:
-            raise SweepError(f"--compare={compare} is not an axis of the grid (the names given "
-                             f"more than once: {', '.join(axes) or 'none'}).")
-        baselines = [b for b in options.get('baseline', '').split(',') if b]
-        values = [split_value(v)[0] for v in grid.get(compare, [])]
-        wrong = [b for b in baselines if compare is None or b not in values]
-        if wrong:
-            raise SweepError(f"--baseline={','.join(wrong)} is not a value of the compared axis "
-                             f"{compare}: give one of {', '.join(values)}.")
-        stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
-        name = options.get('sweep') or f"sweep_{os.path.splitext(os.path.basename(script))[0]}_" \
-                                        f"{stamp}"
-        results_dir = grid.get('results_dir', ['Results'])[0]
-        grid.pop('results_dir', None)
-        sweep_dir = os.path.join(results_dir, name)
-        jobs = int(options.get('jobs', 1))
-        threads = int(options.get('threads', max(1, (os.cpu_count() or 1) // jobs)))
-        os.makedirs(sweep_dir, exist_ok=True)
-        runs = runs_of(grid)
-        failed = run_all(os.path.abspath(script), runs, axes, sweep_dir, jobs, threads)
-        print(write_summary(sweep_dir, runs, axes, compare, baselines))
-        print(f"summary: {os.path.join(sweep_dir, 'summary.md')} and summary.json")
-        if failed:
-            raise SweepError(f"{len(failed)} runs failed: {', '.join(failed)}; read their logs "
-                             f"in {os.path.join(sweep_dir, 'logs')}, fix the cause and run the "
-                             f"same command again.")
-    except (SweepError, ValueError) as e:
+        sweep(argv)
+    except (SweepError, runtime.ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue the sweep.", file=sys.stderr)
-        raise SystemExit(runtime.INTERRUPTED)
+    except KeyboardInterrupt as e:
+        print("stopped: every run keeps its last completed round; run the same command again to "
+              "continue the sweep.", file=sys.stderr)
+        raise SystemExit(runtime.exit_status(e))
 
 
 if __name__ == '__main__':

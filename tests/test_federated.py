@@ -418,6 +418,12 @@ def test_a_run_writes_its_partition_metrics_and_a_best_chosen_on_validation(cifa
             assert row[f'q_{split}_acc_min'] == min(accs) and row[f'q_{split}_acc_std'] >= 0
         assert row['global_test_acc_weighted'] is not None
         assert 0 < row['global_val_maxprob'] <= 1 and 0 <= row['global_val_entropy'] <= math.log(10)
+        for c in row['clients']:  # over its own classes, the teacher can only do better
+            assert c['global_val_acc_own'] >= c['global_val_acc']
+            own = sum(n > 0 for n in parts[c['client']]['train_class_counts'])
+            assert 0 <= c['global_val_entropy_own'] <= math.log(own) + 1e-6
+        assert row['global_val_acc_own_mean'] == pytest.approx(
+            sum(c['global_val_acc_own'] for c in row['clients']) / 4)
         assert [c['bits'] for c in row['clients']] == [1, 32, 2, 1]  # 0 bits: full precision
         assert [c['arch'] for c in row['clients']] == ['resnet8'] * 3 + ['cifarnet']
         sent = federated.model_bytes(resnet.build('resnet8'))
@@ -593,3 +599,35 @@ def test_the_defaults_are_the_validation_search_choices():
         quped['rounds'], tuple(quped['lr2_milestones']), quped['freeze_round']) == (
         150, (round(80 * 150 / 250), round(140 * 150 / 250)), round(200 * 150 / 250))
     assert d['kd_form_center'] == 'released' and d['center_reg_fix'] is True
+
+
+class FixedLogits(torch.nn.Module):
+    """A model whose logits are given, one row per image (the images themselves unused)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer('logits', torch.tensor(logits))
+
+    def forward(self, x):
+        return self.logits[:x.shape[0]]
+
+
+def test_the_teachers_scores_over_the_clients_own_classes_equal_a_hand_computation():
+    logits = [[0.0, 1.0, 3.0] + [0.0] * 7,   # label 2: 10-way right, own classes (1, 2) right
+              [5.0, 0.0, 2.0] + [0.0] * 7]   # label 1: 10-way wrong (0), own classes wrong (2)
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    labels = torch.tensor([2, 1])
+    scores = federated.teacher_scores(FixedLogits(logits), images, labels, torch.tensor([1, 2]))
+
+    def entropy(values):
+        p = [math.exp(v) / sum(math.exp(u) for u in values) for v in values]
+        return -sum(q * math.log(q) for q in p), max(p)
+    ten = [entropy(row) for row in logits]
+    own = [entropy([row[1], row[2]]) for row in logits]
+    assert scores['global_val_acc_own'] == 0.5
+    assert scores['global_val_entropy'] == pytest.approx((ten[0][0] + ten[1][0]) / 2, rel=1e-6)
+    assert scores['global_val_maxprob'] == pytest.approx((ten[0][1] + ten[1][1]) / 2, rel=1e-6)
+    assert scores['global_val_entropy_own'] == pytest.approx((own[0][0] + own[1][0]) / 2,
+                                                             rel=1e-6)
+    dataset = {'train_y': torch.tensor([7, 3, 3, 7, 0])}
+    assert federated.own_classes(dataset).tolist() == [0, 3, 7]

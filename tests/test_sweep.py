@@ -3,20 +3,35 @@ statistics against hand-computed ones."""
 import json
 import math
 import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import main_federated as mf
+import runtime
 import sweep
 from conftest import ROOT, Killed, exits_with_error, kill_after_round
 
 
 @pytest.mark.parametrize('df, quantile', [(1, 12.7062), (2, 4.3027), (5, 2.5706),
-                                          (10, 2.2281), (30, 2.0423), (1000, 1.9623)])
-def test_student_t_quantiles_match_the_table(df, quantile):
-    assert sweep.student_t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-4)
+                                          (10, 2.2281), (30, 2.0423)])
+def test_interval_half_widths_use_the_t_table(df, quantile):
+    values = [0.1 * i * i for i in range(df + 1)]
+    got = sweep.mean_and_interval(values)
+    assert got['n'] == df + 1
+    assert got['half_width'] == pytest.approx(
+        quantile * statistics.stdev(values) / math.sqrt(df + 1), rel=1e-4)
+    assert got['low'] == pytest.approx(statistics.fmean(values) - got['half_width'])
+
+
+def test_one_value_gives_no_interval():
+    assert sweep.mean_and_interval([0.3]) == {'mean': 0.3, 'std': None, 'n': 1, 'low': None,
+                                              'high': None, 'half_width': None}
 
 
 def test_repeated_names_are_axes_and_single_ones_apply_to_every_run():
@@ -41,7 +56,7 @@ ACCURACIES = {  # (algorithm, seed): per round, per client (val, test)
     ('local', 2): [[(0.2, 0.3), (0.2, 0.2)], [(0.5, 0.6), (0.5, 0.5)]],
     ('local', 3): [[(0.3, 0.3), (0.4, 0.5)], [(0.4, 0.4), (0.4, 0.4)]],
 }
-N_VAL, N_TEST = (1, 3), (2, 2)  # per client
+N_VAL, N_TEST = (1, 3), (1, 3)  # per client
 
 
 def fixture_row(rnd, clients):
@@ -55,13 +70,19 @@ def fixture_row(rnd, clients):
     return row
 
 
-def write_fixture(sweep_dir):
-    for (algorithm, seed), rounds in ACCURACIES.items():
+def write_fixture(sweep_dir, accuracies=ACCURACIES):
+    for (algorithm, seed), rounds in accuracies.items():
         folder = sweep_dir / f'seed={seed},algorithm={algorithm}'
         folder.mkdir(parents=True)
-        (folder / 'config.json').write_text(json.dumps({'rounds': 2}))
+        (folder / 'config.json').write_text(json.dumps(
+            {'rounds': 2, 'seed': seed, 'algorithm': algorithm, 'lambda_p': 0.1,
+             'code': [{'commit': 'a' * 40, 'clean': True}]}))
         (folder / 'metrics.jsonl').write_text(''.join(
             json.dumps(fixture_row(r + 1, clients)) + '\n' for r, clients in enumerate(rounds)))
+
+
+def weighted(tests):
+    return (tests[0] * N_TEST[0] + tests[1] * N_TEST[1]) / sum(N_TEST)
 
 
 def test_summary_statistics_equal_hand_computed_ones(tmp_path):
@@ -73,25 +94,138 @@ def test_summary_statistics_equal_hand_computed_ones(tmp_path):
     # quped seed 1: round 1 0.65 vs round 2 0.75 -> round 2; seed 2: 0.9 vs 0.175 -> round 1;
     # seed 3: 0.3 vs 0.55 -> round 2
     selected_tests = [(0.7, 0.5), (0.9, 0.7), (0.5, 0.6)]
-    weighted = [(a + b) / 2 for a, b in selected_tests]  # two test images each
-    assert quped['selected_weighted']['mean'] == pytest.approx(statistics.fmean(weighted))
-    assert quped['selected_weighted']['std'] == pytest.approx(statistics.stdev(weighted))
+    assert quped['selected_weighted']['mean'] == pytest.approx(
+        statistics.fmean(map(weighted, selected_tests)))
+    assert quped['selected_weighted']['std'] == pytest.approx(
+        statistics.stdev(map(weighted, selected_tests)))
     last = [(0.7, 0.5), (0.2, 0.3), (0.5, 0.6)]
     assert quped['last_mean']['values'] == pytest.approx([(a + b) / 2 for a, b in last])
     # local's selected rounds: seed 1: 0.55 vs 0.3 -> 1; seed 2: 0.2 vs 0.5 -> 2;
     # seed 3: 0.375 vs 0.4 -> 2
     local_tests = [(0.5, 0.6), (0.6, 0.5), (0.4, 0.4)]
-    differences = [a - b for ours, theirs in zip(selected_tests, local_tests)
-                   for a, b in zip(ours, theirs)]
-    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
-    half = 2.5706 * sd / math.sqrt(6)  # t(0.975, 5 degrees of freedom)
+    # one difference per seed: +0.05, +0.25, +0.15 (mean over the two clients)
+    per_seed = [((a0 - b0) + (a1 - b1)) / 2
+                for (a0, a1), (b0, b1) in zip(selected_tests, local_tests)]
+    assert per_seed == pytest.approx([0.05, 0.25, 0.15])
+    half = 4.3027 * 0.1 / math.sqrt(3)  # t(0.975, 2 degrees of freedom) x sd 0.1 / sqrt(3)
     got = quped['vs']['local']['selected']
-    assert got['n'] == 6 and got['mean'] == pytest.approx(mean)
-    assert got['low'] == pytest.approx(mean - half, abs=1e-4)
-    assert got['high'] == pytest.approx(mean + half, abs=1e-4)
+    assert got['unit'] == 'seed' and got['seeds'] == ['1', '2', '3']
+    assert got['differences_mean'] == pytest.approx(per_seed)
+    assert got['mean']['n'] == 3 and got['mean']['mean'] == pytest.approx(0.15)
+    assert got['mean']['half_width'] == pytest.approx(half, abs=1e-4)
+    assert got['mean']['low'] == pytest.approx(0.15 - half, abs=1e-4)
+    weighted_differences = [weighted(a) - weighted(b)
+                            for a, b in zip(selected_tests, local_tests)]
+    assert got['differences_weighted'] == pytest.approx(weighted_differences)
+    assert got['weighted']['std'] == pytest.approx(statistics.stdev(weighted_differences))
     table = sweep.summary_markdown(summary)
-    assert f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]" in table
-    assert '| local | 3 |' in table and '(baseline)' in table
+    assert f"+15.0 [{100 * (0.15 - half):+.1f}, {100 * (0.15 + half):+.1f}]" in table
+    assert '1: +5.0, 2: +25.0, 3: +15.0' in table and 'seeds are the unit' in table
+    assert '| local | 1, 2, 3 |' in table and '(baseline)' in table
+    assert summary['code'] == [{'commit': 'a' * 40, 'clean': True}]
+
+
+def correlated_results(offsets, noise, clients=10):
+    """{seed: run result} whose clients share their seed's offset."""
+    return {str(seed): {'selected': {
+        'weighted': 0.5 + offset, 'clients': {str(c): [0.5 + offset + noise * (c % 3 - 1), 10]
+                                              for c in range(clients)}}}
+        for seed, offset in enumerate(offsets)}
+
+
+def test_seed_level_intervals_are_wider_than_pooled_ones_when_clients_share_their_seed():
+    ours = correlated_results([0.05, 0.0, 0.04], 0.01)
+    baseline = correlated_results([0.0, 0.0, 0.0], 0.0)
+    names = {seed: ('a', 'b') for seed in ours}
+    got = sweep.paired(ours, baseline, 'selected', names)['mean']
+    pooled = sweep.mean_and_interval([
+        ours[s]['selected']['clients'][c][0] - baseline[s]['selected']['clients'][c][0]
+        for s in ours for c in ours[s]['selected']['clients']])
+    assert got['n'] == 3 and pooled['n'] == 30
+    assert got['mean'] == pytest.approx(pooled['mean'])
+    assert got['half_width'] > 3 * pooled['half_width']
+    assert got['low'] < 0 < got['high'] and pooled['low'] > 0  # pooling "resolves" noise
+
+
+def test_runs_with_other_clients_cannot_be_paired():
+    ours = correlated_results([0.0, 0.1], 0.0, clients=3)
+    baseline = correlated_results([0.0, 0.1], 0.0, clients=2)
+    with pytest.raises(sweep.SweepError, match='seed=0,algorithm=quped and '
+                                               'seed=0,algorithm=local do not hold the same'):
+        sweep.paired(ours, baseline, 'selected',
+                     {s: (f'seed={s},algorithm=quped', f'seed={s},algorithm=local')
+                      for s in ours})
+
+
+def test_a_damaged_run_is_named_as_left_out(tmp_path, capsys):
+    write_fixture(tmp_path / 's')
+    (tmp_path / 's' / 'seed=2,algorithm=quped' / 'metrics.jsonl').write_text('{"round": 1\n')
+    argv = [str(ROOT / 'main_federated.py'), '--sweep=s', f'--results_dir={tmp_path}',
+            '--seed=1', '--seed=2', '--seed=3', '--algorithm=quped', '--algorithm=local',
+            '--rounds=2', '--baseline=local']
+    message = exits_with_error(capsys, sweep.main, argv, 'seed=2,algorithm=quped',
+                               'is not JSON', 'leaves out 1 runs')
+    summary = json.loads((tmp_path / 's' / 'summary.json').read_text())
+    assert summary['left_out'][0]['run'] == 'seed=2,algorithm=quped'
+    quped = next(e for e in summary['settings'] if e['setting'] == {'algorithm': 'quped'})
+    assert quped['seeds'] == ['1', '3'] and quped['vs']['local']['selected']['seeds'] == ['1', '3']
+    assert 'Left out: seed=2,algorithm=quped' in (tmp_path / 's' / 'summary.md').read_text()
+    assert 'Traceback' not in message
+
+
+def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(tmp_path, capsys):
+    write_fixture(tmp_path / 's')
+    argv = [str(ROOT / 'main_federated.py'), '--sweep=s', f'--results_dir={tmp_path}',
+            '--seed=1', '--seed=2', '--seed=3', '--algorithm=quped', '--algorithm=local']
+    sweep.main([*argv, '--rounds=2', '--lambda_p=0.1'])  # every run finished: nothing runs
+    out = capsys.readouterr().out
+    assert 'start' not in out and 'seed=1,algorithm=quped: finished' in out
+    before = {p: p.read_bytes() for p in (tmp_path / 's').rglob('*') if p.is_file()}
+    exits_with_error(capsys, sweep.main, [*argv, '--rounds=4', '--lambda_p=0.9'],
+                     "rounds (2 in its config.json, 4 now)",
+                     "lambda_p (0.1 in its config.json, 0.9 now)", '--sweep=s-2')
+    exits_with_error(capsys, sweep.main, [*argv, '--rounds=2'],
+                     'lambda_p (given as 0.1 before, not now)')
+    assert before == {p: p.read_bytes() for p in (tmp_path / 's').rglob('*') if p.is_file()}
+
+
+def test_a_full_precision_centralized_run_is_summarised_on_its_own_accuracy(tmp_path):
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps({'EPOCHS': 3, 'fp': True, 'fp_epochs': 2,
+                                                    'val_fraction': 0.1}))
+    rows = [{'epoch': 1, 'val_acc': 0.5, 'test_acc': 0.4},
+            {'epoch': 2, 'val_acc': 0.3, 'test_acc': 0.6}]
+    (folder / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    assert sweep.status(folder) == 'finished'
+    result = sweep.run_results(folder)
+    assert result['selected']['weighted'] == 0.4 and result['selected']['round'] == 1
+    assert result['last']['mean'] == 0.6
+
+
+@pytest.mark.parametrize('option, phrase', [
+    ('--jobs=0', '--jobs=0 is not a whole number of 1 or more'),
+    ('--jobs=-1', '--jobs=-1 is not a whole number'),
+    ('--jobs=abc', '--jobs=abc is not a whole number'),
+    ('--threads=0', '--threads=0 is not a whole number'),
+    ('--sweep=../esc', 'is not a folder name'),
+])
+def test_bad_sweep_options(tmp_path, capsys, option, phrase):
+    exits_with_error(capsys, sweep.main, [str(ROOT / 'main_federated.py'), option,
+                                          f'--results_dir={tmp_path}/r', '--seed=1',
+                                          '--seed=2'], phrase)
+    assert not (tmp_path / 'esc').exists()
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, capsys):
+    import fcntl
+    folder = tmp_path / 's'
+    folder.mkdir()
+    with open(folder / 'sweep.lock', 'a') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        exits_with_error(capsys, sweep.main, [str(ROOT / 'main_federated.py'), '--sweep=s',
+                                              f'--results_dir={tmp_path}', '--seed=1',
+                                              '--seed=2'], 'another process is running the sweep')
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -140,6 +274,8 @@ def test_a_sweep_resumes_a_killed_run_and_skips_a_finished_one(cifar_root, tmp_p
      'not an axis'),
     ([str(ROOT / 'main_federated.py'), '--algorithm=quped', '--algorithm=local',
       '--baseline=fedavg'], 'not a value of the compared axis'),
+    ([str(ROOT / 'main_federated.py'), '--seed=1', '--seed=2', '--baseline=local'],
+     'needs an axis to compare along: give --compare=NAME'),
 ])
 def test_bad_sweeps(capsys, argv, phrase):
     exits_with_error(capsys, sweep.main, argv, phrase)
@@ -173,3 +309,57 @@ def test_plot_draws_a_sweep_with_its_standard_deviations_as_error_bars(tmp_path)
             [2 * s['std'] for s in stats])
     sweep.write_summary(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', ['local'])
     assert os.path.isfile(plot.plot_sweep(str(tmp_path)))
+
+
+# --- stopping a sweep ----------------------------------------------------------------------
+
+def alive(pid):
+    """Whether process `pid` runs (a zombie has ended)."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            return not any(line.startswith('State:') and 'Z' in line for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_sweep_stops_its_run_and_a_rerun_finishes_it(cifar_root, tmp_path, signum,
+                                                              capsys):
+    """SIGTERM or SIGKILL to the sweep in its run's second round: the run stops too (on SIGTERM
+    it says what it kept, exit status 143), keeping its completed rounds, and the same command
+    again resumes it to the end."""
+    argv = [str(ROOT / 'main_federated.py'), '--sweep=s', f'--results_dir={tmp_path}',
+            '--threads=1', '--seed=1', *[a for a in tiny(cifar_root) if a != '--rounds=2'],
+            '--rounds=40']
+    folder = tmp_path / 's' / 'run'
+    parent = subprocess.Popen([sys.executable, str(ROOT / 'sweep.py'), *argv],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(sweep.read_rows(folder)) >= 1, 120)
+        child = int((folder / '.lock').read_text())
+        os.kill(parent.pid, signum)
+        parent.wait(timeout=60)
+        assert wait_for(lambda: not alive(child), 30), 'the run trains on without its sweep'
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    done = len(sweep.read_rows(folder))
+    assert 1 <= done < 40
+    log = (tmp_path / 's' / 'logs' / 'run.log').read_text()
+    assert f'terminated: {folder} keeps rounds 1-{done}; continue with' in log
+    assert 'Traceback' not in log
+    if signum == signal.SIGTERM:
+        assert parent.returncode == runtime.TERMINATED
+    sweep.main(argv)
+    assert 'run: killed' in capsys.readouterr().out
+    assert len(sweep.read_rows(folder)) == 40

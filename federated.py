@@ -24,9 +24,12 @@ import runtime
 import training
 import utils
 
-ALGORITHMS = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'local')
+ALGORITHMS = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'fedavg_qft', 'local')
 PERSONALISED = ('quped', 'qupel', 'local')  # every client trains a model of its own
-COMMUNICATING = ('quped', 'qupel', 'fedavg', 'fedavg_ft')  # a global model travels
+COMMUNICATING = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'fedavg_qft')  # a global model travels
+FEDAVG = ('fedavg', 'fedavg_ft', 'fedavg_qft')  # the clients train only the global model
+FINE_TUNED = ('fedavg_ft', 'fedavg_qft')  # each client evaluates a fine-tuned copy of it
+CLIENT_MODELS = PERSONALISED + ('fedavg_qft',)  # best.pt keeps a (quantized) model per client
 PARTITIONS = ('pathological', 'dirichlet')
 KD_FORMS = ('released', 'hinton')  # released: only the teacher's logits / T (quirk 8)
 AGGREGATIONS = ('samples', 'uniform')
@@ -51,8 +54,9 @@ def check_config(cfg):
     for name in ('n_clients', 'rounds', 'local_epochs', 'BATCH_SIZE', 'freeze_round'):
         if cfg[name] < 1:
             problems.append(f"{name}={cfg[name]}: must be at least 1")
-    if cfg['ft_epochs'] < (1 if cfg['algorithm'] == 'fedavg_ft' else 0):
-        problems.append(f"ft_epochs={cfg['ft_epochs']}: fedavg_ft fine-tunes for at least 1 epoch")
+    if cfg['ft_epochs'] < (1 if cfg['algorithm'] in FINE_TUNED else 0):
+        problems.append(f"ft_epochs={cfg['ft_epochs']}: {cfg['algorithm']} fine-tunes for at "
+                        f"least 1 epoch")
     if not 1 <= cfg['classes_per_client'] <= data.NUM_CLASSES:
         problems.append(f"classes_per_client={cfg['classes_per_client']}: a client holds 1 to "
                         f"{data.NUM_CLASSES} classes")
@@ -454,7 +458,7 @@ def client_round(cfg, client, state, global_state, global_copy, dataset, rnd):
     sched = round_schedule(cfg, rnd, client_plan(cfg, client)[0])
     if global_copy is not None:
         global_copy.load_state_dict(global_state)
-    if cfg['algorithm'] in ('fedavg', 'fedavg_ft'):
+    if cfg['algorithm'] in FEDAVG:
         metrics = fedavg_client_update(cfg, state, global_copy, dataset)
     else:
         training.start_epoch(state, sched)
@@ -539,6 +543,36 @@ def fine_tuned(cfg, client, global_model, dataset, rnd):
     return model
 
 
+def quantized_fine_tuned(cfg, client, global_model, dataset, rnd):
+    """Algorithm 1's training state after ft_epochs epochs on the client's training images,
+    started from a copy of the global model at the client's bits (FedAvg-QFT): Adam, centers
+    initialised from the copy's weights, every epoch with the schedule QuPeD's personalised
+    models have in round `rnd` (the freeze included); the global model is untouched."""
+    arch, bits = model_plan(cfg, client)
+    model = copy.deepcopy(global_model)
+    optimizer, scheduler = training.build_optimizer(model, adam=True)
+    generator = runtime.device_generator(fine_tune_seed(cfg, rnd, client),
+                                         dataset['train_y'].device)
+    state = training.new_state(model, 2 ** bits if bits else 0, optimizer, scheduler, generator,
+                               adam_centers=True,
+                               names=QUANTIZATION_RULES.get(arch, utils.resnet_rule)(model),
+                               l1=cfg['l1'])
+    sched = round_schedule(cfg, rnd, cfg['client_archs'][0])
+    training.start_epoch(state, sched)
+    for _ in range(cfg['ft_epochs']):
+        training.train_epoch(state, dataset, cfg['BATCH_SIZE'], sched, cfg['center_reg_fix'])
+    return state
+
+
+def model_plan(cfg, client):
+    """(architecture, bits; 0 = full precision) of the model a client is evaluated with: its
+    personalised model's, or for FedAvg-QFT the global architecture at the client's bits."""
+    if cfg['algorithm'] in PERSONALISED:
+        return client_plan(cfg, client)
+    bits = client_plan(cfg, client)[1] if cfg['algorithm'] == 'fedavg_qft' else 0
+    return cfg['global_arch'], bits
+
+
 def accuracies(model, dataset):
     return {f'{split}_acc': runtime.evaluate(model, dataset[f'{split}_x'],
                                              dataset[f'{split}_y'])[1] for split in ('val', 'test')}
@@ -551,11 +585,10 @@ def evaluate_client(cfg, client, state, global_model, dataset, rnd, trained=None
     (quantized and full precision) and of the global model on its own validation and test
     images, with how it predicts the validation images as a teacher (teacher_scores). The unit
     an engine runs on a client after aggregation."""
-    arch, bits = client_plan(cfg, client)
+    arch, bits = model_plan(cfg, client)
     personal = cfg['algorithm'] in PERSONALISED
-    entry = {'client': client, 'arch': arch if personal else cfg['global_arch'],
-             'bits': bits if personal and bits else 32,
-             'lambda': round_schedule(cfg, rnd, arch)['lam'],
+    entry = {'client': client, 'arch': arch, 'bits': bits or 32,
+             'lambda': round_schedule(cfg, rnd, client_plan(cfg, client)[0])['lam'],
              'n_train': dataset['train_y'].shape[0], 'n_val': dataset['val_y'].shape[0],
              'n_test': dataset['test_y'].shape[0], 'sampled': trained is not None,
              'bytes_down': sent_bytes if trained is not None else 0,
@@ -568,12 +601,16 @@ def evaluate_client(cfg, client, state, global_model, dataset, rnd, trained=None
                                                              global_accs['test_acc'])
         entry.update(teacher_scores(global_model, dataset['val_x'], dataset['val_y'],
                                     own_classes(dataset)))
-    if personal:
-        evaluation = training.evaluate_state(state, dataset)
+    if cfg['algorithm'] == 'fedavg_qft':
+        state['fine_tuned'] = quantized_fine_tuned(cfg, client, global_model, dataset, rnd)
+    if personal or cfg['algorithm'] == 'fedavg_qft':
+        model_state = state if personal else state['fine_tuned']
+        evaluation = training.evaluate_state(model_state, dataset)
         entry.update(q_val_acc=evaluation['q_val_acc'], q_test_acc=evaluation['q_test_acc'],
                      fp_val_acc=evaluation['val_acc'], fp_test_acc=evaluation['test_acc'],
                      q_train_loss=evaluation['q_train_loss'],
-                     centers=None if state['centers'] is None else state['centers'].tolist())
+                     centers=None if model_state['centers'] is None
+                     else model_state['centers'].tolist())
     else:
         model = (fine_tuned(cfg, client, global_model, dataset, rnd)
                  if cfg['algorithm'] == 'fedavg_ft' else global_model)
@@ -626,7 +663,8 @@ def round_row(cfg, rnd, entries, timings):
 
 
 MODEL_LABELS = {'quped': 'personalised quantized', 'qupel': 'personalised quantized',
-                'local': 'local quantized', 'fedavg': 'global', 'fedavg_ft': 'fine-tuned global'}
+                'local': 'local quantized', 'fedavg': 'global', 'fedavg_ft': 'fine-tuned global',
+                'fedavg_qft': 'quantized fine-tuned global'}
 
 
 def round_line(cfg):
@@ -658,8 +696,10 @@ def quantized_model_state(state):
 
 
 def best_client_entry(cfg, client, state):
-    """What best.pt keeps of a client: its quantized model, centers and plan."""
-    arch, bits = client_plan(cfg, client)
+    """What best.pt keeps of a client: its quantized model, centers and plan (for FedAvg-QFT,
+    the fine-tuned copy of this round's evaluation)."""
+    arch, bits = model_plan(cfg, client)
+    state = state if cfg['algorithm'] in PERSONALISED else state['fine_tuned']
     return {'client': client, 'arch': arch, 'bits': bits,
             'state_dict': quantized_model_state(state),
             'centers': None if state['centers'] is None else state['centers'].cpu(),

@@ -236,7 +236,7 @@ def evaluate(msg, context):
                                       trained, settings['sent'])
     keep_state(context, folder, state, rnd + 1, to_file=True)
     reply = {'entry': json.dumps(entry)}
-    if cfg['algorithm'] in federated.PERSONALISED:
+    if cfg['algorithm'] in federated.CLIENT_MODELS:
         reply['best'] = to_bytes(federated.best_client_entry(cfg, client_id, state))
     return Message(RecordDict({'reply': ConfigRecord(reply)}), reply_to=msg)
 

@@ -27,7 +27,8 @@ import training
 # (README.md, "Federated"): the KD weights and form, lambda_coef, global_lr and ft_lr were chosen
 # on validation accuracy; the schedule is Algorithm 1's 250 epochs scaled to 150 rounds.
 algorithm = 'quped'            # quped; qupel (L2 pull in place of KD); fedavg (the global model);
-                               # fedavg_ft (it, fine-tuned on each client); local (no server)
+                               # fedavg_ft (it, fine-tuned on each client); fedavg_qft (it,
+                               # fine-tuned by Algorithm 1 at each client's bits); local (no server)
 n_clients = 20                 # clients in the federation
 client_fraction = 1.0          # share of the clients sampled each round (local: all train)
 rounds = 150                   # communication rounds
@@ -55,8 +56,8 @@ global_momentum = 0.9          # its momentum
 global_optimizer_reset = True  # its optimizer starts afresh every round (False: kept per client)
 weight_decay = 0.0             # its weight decay
 aggregation = 'samples'        # FedAvg weights: 'samples' (n_i) or 'uniform' (the paper's sum)
-ft_epochs = 1                  # fedavg_ft: epochs of fine-tuning before each evaluation
-ft_lr = 0.01                   # fedavg_ft: its SGD learning rate
+ft_epochs = 1                  # fedavg_ft, fedavg_qft: epochs of fine-tuning before each evaluation
+ft_lr = 0.01                   # fedavg_ft: its SGD learning rate (fedavg_qft: Algorithm 1's Adam)
 lambda_coef = (1e-3,)          # prox strength, lambda = lambda_coef * round: one value, or one
                                # per entry of client_archs
 l1 = True                      # L1 prox and center regulariser (False: L2)
@@ -130,7 +131,7 @@ def save(cfg, run, folder, rows):
         run['best'] = row[federated.SELECTION]
         entries = ([federated.best_client_entry(cfg, client, state)
                     for client, state in enumerate(run['clients'])]
-                   if cfg['algorithm'] in federated.PERSONALISED else [])
+                   if cfg['algorithm'] in federated.CLIENT_MODELS else [])
         files.update(federated.best_file(cfg, folder, row, entries, run['global_model']))
     files.update(federated.last_file(
         cfg, folder, rows, [federated.saved_client_state(state) for state in run['clients']],

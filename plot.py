@@ -24,6 +24,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
+import federated  # noqa: E402
 import resnet  # noqa: E402
 import utils  # noqa: E402
 
@@ -115,9 +116,7 @@ def label(ax, rows, ylabel):
 
 def model_label(cfg):
     """What the accuracy of a run is the accuracy of."""
-    return {'fedavg': 'global model', 'fedavg_ft': 'global model fine-tuned per client',
-            'local': 'local quantized', 'qupel': 'personalised quantized'}.get(
-        cfg.get('algorithm'), 'personalised quantized')
+    return federated.MODEL_LABELS.get(cfg.get('algorithm'), 'quantized')
 
 
 def run_title(folder, cfg):

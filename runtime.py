@@ -78,6 +78,29 @@ def hyperparameters(namespace):
             if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple))}
 
 
+def script_defaults(path):
+    """The hyperparameters at the top of the script `path` (those runtime.hyperparameters
+    collects there: its public assignments of plain values before DEFAULTS), read from its
+    source without importing it, for tools that must not import a script."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    defaults = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        if name == 'DEFAULTS':
+            break
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            continue
+        if not name.startswith('_') and isinstance(value, (bool, int, float, str, tuple)):
+            defaults[name] = value
+    return defaults
+
+
 def describe_type(default):
     if isinstance(default, tuple):
         kinds = sorted({type(v).__name__ for v in default}) or ['value']

@@ -3,11 +3,11 @@ warm start): training plus the three evaluations a run logs, on 50,000 training 
 images, through the script's own functions.
 
     python bench/epoch_time.py --data=PATH [--tile] [--device=cuda] [--epochs=3]
-                               [--pretrained=PATH]
+                               [--pretrained=PATH] [--train-images=50000] [--test-images=10000]
 
---tile builds the 50,000 and 10,000 images by repeating a smaller set in the standard format
-(../shared/data/cifar10-mini, 5,170 and 1,017 images) where full CIFAR-10 cannot be had: a
-timing input only, never an accuracy. The first epoch is a warm-up; the figure is the median of
+--tile builds the 50,000 and 10,000 images (or --train-images and --test-images) by repeating
+a smaller set in the standard format (../shared/data/cifar10-mini, 5,170 and 1,017 images),
+or by cutting it, where full CIFAR-10 cannot be had: a timing input only, never an accuracy. The first epoch is a warm-up; the figure is the median of
 the others. The last line printed is one JSON object.
 """
 import argparse
@@ -40,6 +40,8 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--pretrained', default='', help="warm start (default: the script's)")
+    parser.add_argument('--train-images', type=int, default=TRAIN, help='with --tile')
+    parser.add_argument('--test-images', type=int, default=TEST, help='with --tile')
     args = parser.parse_args()
     cfg = {**main_centralized.DEFAULTS, 'device': args.device,
            'data_root': args.data, 'pretrained_path': args.pretrained or
@@ -62,8 +64,10 @@ def main():
     runtime.prepare_device(device, cfg['tf32'])
     cifar = data.load_cifar10(cfg['data_root'], device)
     if args.tile:
-        cifar['train_x'], cifar['train_y'] = tiled(cifar['train_x'], cifar['train_y'], TRAIN)
-        cifar['test_x'], cifar['test_y'] = tiled(cifar['test_x'], cifar['test_y'], TEST)
+        cifar['train_x'], cifar['train_y'] = tiled(cifar['train_x'], cifar['train_y'],
+                                                   args.train_images)
+        cifar['test_x'], cifar['test_y'] = tiled(cifar['test_x'], cifar['test_y'],
+                                                 args.test_images)
     state = main_centralized.initial_state(cfg, device)
     seconds = []
     for epoch in range(args.epochs):
@@ -80,7 +84,9 @@ def main():
                       'test_images': cifar['test_y'].shape[0],
                       'input': 'cifar10-mini tiled (timing only)' if args.tile else args.data,
                       'epoch_s': round(epoch_s, 3),
-                      'projected_250_epochs_min': round(epoch_s * 250 / 60, 2)}))
+                      'projected_250_epochs_min': round(epoch_s * 250 / 60, 2)
+                      if (cifar['train_y'].shape[0], cifar['test_y'].shape[0]) == (TRAIN, TEST)
+                      else None}))
 
 
 if __name__ == '__main__':

@@ -5,8 +5,8 @@ federated client iteration.
 
 One process, one random batch of 128: the plain step is forward, backward and an Adam step; the
 QuPeD iteration is the same plus the prox and center steps (n = 2 and n = 4); the federated
-client iteration is main_federated.quped_client_step with ResNet-20 for both the personalised
-(1 bit) and the global model: its steps (a), (b) and (c). Each figure is the median of `reps`
+client iteration is federated.quped_client_step with ResNet-20 for both the personalised (1 bit)
+and the global model: its steps (a), (b) and (c), main_federated.py's defaults otherwise. Each figure is the median of `reps`
 timed repetitions after `warmup` untimed ones, the variants interleaved so that drifts of the
 machine hit them alike. The process keeps freed memory as the scripts do on CPU
 (runtime.keep_freed_memory); --glibc-defaults measures without that. The last line printed is
@@ -22,8 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import main_federated  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, ROOT)
+import federated  # noqa: E402
 import resnet  # noqa: E402
 import runtime  # noqa: E402
 import training  # noqa: E402
@@ -49,18 +50,19 @@ def make_step(device, n_centroids):
 
 def make_client_step(device):
     """A closure doing one federated client iteration, ResNet-20 personalised (1 bit) and
-    global, with main_federated.py's defaults."""
-    cfg = {**main_federated.DEFAULTS, 'client_archs': ('resnet20',), 'global_arch': 'resnet20',
+    global, with main_federated.py's defaults (read from the script, not imported)."""
+    defaults = runtime.script_defaults(os.path.join(ROOT, 'main_federated.py'))
+    cfg = {**defaults, 'client_archs': ('resnet20',), 'global_arch': 'resnet20',
            'client_bits': (1,)}
     torch.manual_seed(0)
-    state = main_federated.personal_state(cfg, 0, device)
+    state = federated.new_client_state(cfg, 0, device)
     global_copy = resnet.build('resnet20').to(device)
-    global_optimizer = main_federated.global_optimizer_for(cfg, global_copy)
-    sched = main_federated.round_schedule(cfg, 0)
+    global_optimizer = federated.global_optimizer_for(cfg, state, global_copy)
+    sched = federated.round_schedule(cfg, 0, 'resnet20')
 
     def step(x, y):
-        main_federated.quped_client_step(cfg, state, global_copy, global_optimizer, x, y, sched,
-                                         training.ADAM_LR)
+        federated.quped_client_step(cfg, state, global_copy, global_optimizer, x, y, sched,
+                                    training.ADAM_LR)
     return step
 
 

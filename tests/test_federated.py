@@ -467,6 +467,64 @@ def test_fedavg_ft_fine_tunes_copies_and_leaves_the_global_model_as_fedavg_train
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
+def test_fedavg_qft_quantizes_copies_and_leaves_the_global_model_as_fedavg_trains_it(
+        cifar_root, tmp_path):
+    fedavg = rows(mf.main(fed_args(cifar_root, tmp_path, '--algorithm=fedavg', name='a')))
+    folder = mf.main(fed_args(cifar_root, tmp_path, '--algorithm=fedavg_qft',
+                              '--client_bits=(1,2)', name='b'))
+    tuned = rows(folder)
+    for plain, qft in zip(fedavg, tuned):
+        assert [c['global_test_acc'] for c in plain['clients']] == [
+            c['global_test_acc'] for c in qft['clients']]
+        assert [c['bits'] for c in qft['clients']] == [1, 2, 1, 2]
+        assert [len(c['centers'][0]) for c in qft['clients']] == [2, 4, 2, 4]
+        assert all(c['arch'] == 'resnet8' for c in qft['clients'])
+    a, b = (torch.load(tmp_path / 'results' / n / 'last.pt', weights_only=True)['global']
+            for n in ('a', 'b'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, info = federated.load_client_model(os.path.join(folder, 'best.pt'), 1)
+    assert info['bits'] == 2 and info['centers'].shape == (6, 4)
+    names = torch.load(os.path.join(folder, 'best.pt'), weights_only=True)['clients'][1][
+        'quantized_names']
+    assert len(names) == 6 and all(len(torch.unique(model.state_dict()[n])) <= 4 for n in names)
+
+
+def test_fedavg_qft_fine_tuning_is_algorithm_1_from_a_copy_of_the_global_model(cifar_root):
+    """quantized_fine_tuned against Algorithm 1 written out: the batches of the fine-tuning's
+    seed, Adam's step, then QuPeD's prox and center update after every step, with the round's
+    schedule."""
+    cfg, _ = federated.make_config(mf.DEFAULTS, [
+        f'--data_root={cifar_root}', '--n_clients=2', '--classes_per_client=5',
+        '--BATCH_SIZE=20', '--algorithm=fedavg_qft', '--client_archs=(resnet8,)',
+        '--global_arch=resnet8', '--client_bits=(2,)', '--ft_epochs=2'])
+    cifar = data.load_cifar10(cifar_root, 'cpu')
+    dataset = federated.client_dataset(cifar, federated.make_partition(cfg, cifar)[1])
+    torch.manual_seed(5)
+    global_model = resnet.build('resnet8')
+    before = copy.deepcopy(global_model.state_dict())
+    rnd = 3
+    state = federated.quantized_fine_tuned(cfg, 1, global_model, dataset, rnd)
+    assert all(torch.equal(before[k], v) for k, v in global_model.state_dict().items())
+
+    model = copy.deepcopy(global_model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    weights = utils.QuantizedWeights(model, utils.resnet_rule(model))
+    centers = utils.init_centers(weights, 4, adam=True)
+    generator = torch.Generator().manual_seed(federated.fine_tune_seed(cfg, rnd, 1))
+    lam = cfg['lambda_coef'][0] * (rnd + 1)
+    model.train()
+    for _ in range(2):
+        for x, y in data.train_batches(dataset, 20, generator):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            utils.quped_update(weights, centers, x, y, lr1=1e-2, lr2=cfg['lr2'], lam=lam,
+                               lam2=lam, l1=True, center_reg_fix=cfg['center_reg_fix'])
+    assert torch.equal(state['centers'], centers)
+    assert all(torch.equal(v, model.state_dict()[k])
+               for k, v in state['model'].state_dict().items())
+
+
 def test_client_sampling(cifar_root, tmp_path):
     folder = mf.main(fed_args(cifar_root, tmp_path, '--client_fraction=0.5', '--rounds=3'))
     sampled = [row['sampled'] for row in rows(folder)]
@@ -516,7 +574,8 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
     (['--classes_per_client=11'], ['classes_per_client=11']),
     (['--client_archs=(resnet8,resnet9)'], ['resnet9', 'cifarnet2']),
     (['--global_arch=vgg'], ['vgg']),
-    (['--algorithm=fedprox'], ["algorithm='fedprox'", 'quped, qupel, fedavg, fedavg_ft, local']),
+    (['--algorithm=fedprox'], ["algorithm='fedprox'",
+                               'quped, qupel, fedavg, fedavg_ft, fedavg_qft, local']),
     (['--partition=iid'], ["partition='iid'"]),
     (['--client_bits=(1,9)'], ['client_bits']),
     (['--client_fraction=0'], ['client_fraction=0.0']),
@@ -528,6 +587,7 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
     (['--lambda_coef=(1e-4,1e-5,1e-6)'], ['lambda_coef']),
     (['--algorithm=qupel'], ['qupel pulls', 'global_arch']),
     (['--algorithm=fedavg_ft', '--ft_epochs=0'], ['ft_epochs=0']),
+    (['--algorithm=fedavg_qft', '--ft_epochs=0'], ['ft_epochs=0', 'fedavg_qft fine-tunes']),
 ])
 def test_bad_input(cifar_root, tmp_path, capsys, args, phrases):
     fails_with(capsys, fed_args(cifar_root, tmp_path, *args), *phrases)

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import itertools
 import math
+import numbers
 import os
 import pickle
 
@@ -40,7 +41,12 @@ def download(root, url):
     """Download and extract CIFAR-10 into root with torchvision (which checks its md5)."""
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import download_and_extract_archive
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data_root {os.fspath(root)!r} holds no CIFAR-10 and cannot be created "
+                        f"to download it into ({e.strerror}): point --data_root at the folder "
+                        f"that holds {FOLDER}/, or at a writable new one.") from None
     try:
         download_and_extract_archive(url, root, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except Exception as e:  # URLError, HTTPError, timeouts, a bad checksum...
@@ -58,6 +64,9 @@ def read_batch(path):
         with open(path, 'rb') as f:
             batch = pickle.load(f, encoding='latin1')
         images = torch.as_tensor(batch['data'])
+        fractional = [v for v in batch['labels'] if not isinstance(v, numbers.Integral)]
+        if fractional:
+            raise ValueError(f"labels that are not whole numbers, e.g. {fractional[0]!r}")
         labels = torch.as_tensor(batch['labels'], dtype=torch.int64)
     except Exception as e:
         raise DataError(f"{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); "
@@ -65,8 +74,9 @@ def read_batch(path):
     n = labels.shape[0]
     if (images.dtype != torch.uint8 or images.shape != (n, 3072) or n == 0
             or labels.min() < 0 or labels.max() > 9):
+        found = f" from {labels.min().item()} to {labels.max().item()}" if n else ''
         raise DataError(f"{path} is malformed: expected 'data' uint8 [N, 3072] and N 'labels' in "
-                        f"0..9, found {images.dtype} {tuple(images.shape)} and {n} labels; "
+                        f"0..9, found {images.dtype} {tuple(images.shape)} and {n} labels{found}; "
                         f"replace it with the file from {URL}.")
     return images.view(n, 3, 32, 32), labels
 
@@ -74,6 +84,10 @@ def read_batch(path):
 def load_cifar10(root, device, url=None):
     """{'train_x', 'train_y', 'test_x', 'test_y'} on `device`, images as uint8; downloads from
     `url` (default URL) when root holds no batches."""
+    if os.path.islink(root) and not os.path.exists(root):
+        raise DataError(f"data_root {os.fspath(root)!r} is a symbolic link that leads nowhere (to "
+                        f"{os.readlink(root)!r}: missing, or a loop of links): point --data_root "
+                        f"at the folder that holds {FOLDER}/, or mend the link.")
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f"data_root {os.fspath(root)!r} is a file, not a folder: point --data_root "
                         f"at the folder that holds {FOLDER}/, or at a new or empty folder to "

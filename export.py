@@ -130,19 +130,25 @@ def export_federated(path, checkpoint):
 def export(path):
     """Pack the checkpoint's quantized model(s); returns their sizes (a list for a federated
     checkpoint, one per client)."""
-    files = packed_files(path)
+    checkpoint = resnet.read_checkpoint(path)
+    try:
+        files = packed_files(path, checkpoint)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ExportError(f"{path} is not a checkpoint this project wrote, or was edited ("
+                          f"{type(e).__name__}: {e}): pass a QuPeD run's best_quantized.pt or "
+                          f"last.pt, or a federated best.pt or last.pt, as the scripts wrote "
+                          f"it.") from None
+    except ValueError as e:
+        raise ExportError(f"{path}: {e}, the architecture its configuration names. The file "
+                          f"was edited or belongs to another run: export the checkpoint as the "
+                          f"run wrote it.") from None
     runtime.write_together({file: payload for file, payload, _ in files})
     result = [info for _, _, info in files]
-    return result if len(files) > 1 or path_is_federated(path) else result[0]
+    federated_file = isinstance(checkpoint, dict) and 'clients' in checkpoint
+    return result if len(files) > 1 or federated_file else result[0]
 
 
-def path_is_federated(path):
-    checkpoint = resnet.read_checkpoint(path)
-    return isinstance(checkpoint, dict) and 'clients' in checkpoint
-
-
-def packed_files(path):
-    checkpoint = resnet.read_checkpoint(path)
+def packed_files(path, checkpoint):
     if packing.is_packed(checkpoint):
         raise ExportError(f"{path} is already a packed file.")
     if isinstance(checkpoint, dict) and {'clients', 'global', 'round', 'rows'} <= set(checkpoint):

@@ -375,6 +375,7 @@ def serve(grid, context):
         cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE,
                                               'rounds', 'flower_app.py')
         cfg = {**pyproject_defaults(), **cfg}
+        federated.check_config(cfg)
         if checkpoint is not None:
             runtime.check_not_shorter(checkpoint['round'], cfg['rounds'], 'rounds', 'round',
                                       cfg['resume'])

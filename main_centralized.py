@@ -346,8 +346,7 @@ def train(cfg, overrides):
     checkpoint = None
     if cfg['resume']:
         cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE, 'EPOCHS',
-                                              SCRIPT)
-        cfg = {**DEFAULTS, **cfg}  # a run saved before a hyperparameter existed has its default
+                                              SCRIPT, DEFAULTS, check_config)
         if checkpoint is not None:
             runtime.check_not_shorter(checkpoint['epoch'], total_epochs(cfg),
                                       'fp_epochs' if cfg['fp'] else 'EPOCHS', 'epoch',

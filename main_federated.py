@@ -164,8 +164,7 @@ def train(cfg, overrides):
     checkpoint = None
     if cfg['resume']:
         cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE,
-                                              'rounds', SCRIPT)
-        cfg = {**DEFAULTS, **cfg}  # a run saved before a hyperparameter existed has its default
+                                              'rounds', SCRIPT, DEFAULTS, federated.check_config)
         if checkpoint is not None:
             runtime.check_not_shorter(checkpoint['round'], cfg['rounds'], 'rounds', 'round',
                                       cfg['resume'])

@@ -1,13 +1,15 @@
 """Credentials for a trial Flower deployment: a self-signed certificate authority, the
 SuperLink's TLS certificate signed by it, and one authentication key pair per SuperNode.
 
-    python make_credentials.py FOLDER [--supernodes=N] [--host=NAME_OR_IP ...]
+    python make_credentials.py FOLDER [--supernodes=N] [--host=NAME_OR_IP ...] [--force]
 
 writes FOLDER/ca.crt (give it to every SuperNode and to the flwr CLI), FOLDER/server.pem and
 FOLDER/server.key (the SuperLink's), and FOLDER/supernode_<i> with FOLDER/supernode_<i>.pub
 (each SuperNode's private key, and the public key to register with `flwr supernode register`).
 The certificate names localhost and 127.0.0.1 unless --host names the SuperLink's address.
-For trials on your own machines; a real federation gets its certificates from its own CA.
+It never replaces credentials already in FOLDER (a live federation would lose its trust root):
+--force replaces them, after naming them. For trials on your own machines; a real federation
+gets its certificates from its own CA.
 Needs the `cryptography` package (installed with requirements-flower.txt).
 """
 import datetime
@@ -53,6 +55,44 @@ def write(path, payload, private=False):
         os.chmod(path, 0o600)
 
 
+USAGE = ("usage: python make_credentials.py FOLDER [--supernodes=N] [--host=NAME_OR_IP ...] "
+         "[--force]")
+
+
+class CredentialsError(Exception):
+    """Credentials that cannot be written; the message says what to do."""
+
+
+def existing(folder):
+    """The credentials files already in `folder` (any this script writes, of any count)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f in ('ca.crt', 'server.pem', 'server.key')
+                  or (f.startswith('supernode_') and f.removesuffix('.pub')[10:].isdigit()))
+
+
+def prepare(folder, force):
+    """Create `folder`, or check that it holds no credentials (or, with `force`, say which are
+    replaced)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CredentialsError(f"{folder} is a file, not a folder: name a new folder for the "
+                               f"credentials.")
+    found = existing(folder)
+    if found and not force:
+        raise CredentialsError(
+            f"{folder} already holds credentials ({', '.join(found)}); replacing them would cut "
+            f"off every SuperNode that trusts this CA. Name a new folder, or pass --force to "
+            f"replace them.")
+    if found:
+        print(f"replacing {', '.join(found)} in {folder} (--force)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise CredentialsError(f"cannot create {folder} ({e.strerror}): name a writable "
+                               f"folder.") from None
+    return found
+
+
 def make(folder, supernodes=3, hosts=('localhost', '127.0.0.1')):
     """Write the CA, the SuperLink's certificate and the SuperNodes' key pairs into `folder`."""
     os.makedirs(folder, exist_ok=True)
@@ -85,12 +125,22 @@ def main(argv=None):
     options = [a for a in argv if a.startswith('--')]
     counts = [a.split('=', 1)[1] for a in options if a.startswith('--supernodes=')]
     hosts = [a.split('=', 1)[1] for a in options if a.startswith('--host=')]
-    unknown = [a for a in options if not a.startswith(('--supernodes=', '--host='))]
-    if len(folders) != 1 or unknown or any(not c.isdigit() or int(c) < 1 for c in counts):
-        print("usage: python make_credentials.py FOLDER [--supernodes=N] [--host=NAME_OR_IP ...]",
-              file=sys.stderr)
+    force = '--force' in options
+    unknown = [a for a in options if not a.startswith(('--supernodes=', '--host=', '--force'))]
+    bad_counts = [c for c in counts if not c.isdigit() or int(c) < 1]
+    if len(folders) != 1 or unknown or bad_counts:
+        problem = (f"--supernodes={bad_counts[0]}: give the number of SuperNodes, 1 or more"
+                   if bad_counts else f"unknown option {unknown[0]}" if unknown else
+                   "name one folder for the credentials")
+        print(f"error: {problem}.\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    make(folders[0], int(counts[-1]) if counts else 3, tuple(hosts) or ('localhost', '127.0.0.1'))
+    try:
+        prepare(folders[0], force)
+        make(folders[0], int(counts[-1]) if counts else 3,
+             tuple(hosts) or ('localhost', '127.0.0.1'))
+    except (CredentialsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     print(f"credentials in {folders[0]}: ca.crt, server.pem, server.key, supernode_<i>[.pub]")
 
 

@@ -1,7 +1,7 @@
 """Curves of runs, as PNGs (matplotlib, Agg).
 
     python plot.py Results/<run>                  accuracy, loss, schedule and centers PNGs
-                                                  in the run's folder
+                                                  in the run's folder (or the folder --out)
     python plot.py Results/<a> Results/<b> ...    one side-by-side comparison.png (--out=PATH)
     python plot.py --table Results/*              one markdown row per run
     python plot.py --sweep=Results/<sweep>        the sweep's settings with error bars
@@ -47,17 +47,29 @@ def read_run(folder):
         raise RunError(f"{folder} is not a run folder (no config.json): pass folders that "
                        f"main_centralized.py or main_federated.py wrote, e.g. Results/<run>.")
     cfg = read_json(config)
+    if not isinstance(cfg, dict):
+        raise RunError(f"{config} does not hold a configuration (a JSON object): it was edited "
+                       f"or damaged; restore it from the run's last.pt (python -c \"import "
+                       f"torch; print(torch.load('last.pt')['config'])\") or rerun.")
     rows = []
     if os.path.isfile(metrics):
-        with open(metrics) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise RunError(f"line {number} of {metrics} is not JSON: the file is "
-                                       f"damaged; resume the run to rewrite it from its "
-                                       f"last.pt.") from None
+        try:
+            with open(metrics) as f:
+                lines = f.readlines()
+        except PermissionError:
+            raise RunError(f"{metrics} cannot be read: permission denied; give this user read "
+                           f"access to it (chmod u+r).") from None
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if not isinstance(row, dict):
+                    raise RunError(f"line {number} of {metrics} is not a JSON object: the file "
+                                   f"is damaged; resume the run to rewrite it from its "
+                                   f"last.pt.")
+                rows.append(row)
     if not rows:
         raise RunError(f"{folder} has no completed epoch or round yet: plot it once its first "
                        f"one has ended.")
@@ -70,6 +82,9 @@ def read_json(path):
             return json.load(f)
     except json.JSONDecodeError:
         raise RunError(f"{path} is not JSON: the file is damaged.") from None
+    except PermissionError:
+        raise RunError(f"{path} cannot be read: permission denied; give this user read access "
+                       f"to it (chmod u+r).") from None
 
 
 def is_federated(rows):
@@ -281,10 +296,18 @@ def save(fig, path):
     return path
 
 
-def plot_run(folder):
-    """The run's PNGs, written into its folder; returns their paths. Runs without a schedule
-    (full precision, fedavg) get no schedule.png, runs without centers no centers.png."""
+def plot_run(folder, out=None):
+    """The run's PNGs, written into its folder (or the folder `out`); returns their paths. Runs
+    without a schedule (full precision, fedavg) get no schedule.png, runs without centers no
+    centers.png."""
     cfg, rows = read_run(folder)
+    if out is not None:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create {out} ({e.strerror}): give --out a writable "
+                           f"folder.") from None
+    into = folder if out is None else out
     draws = [('accuracy', plot_accuracy), ('loss', plot_loss)]
     if has_schedule(rows):
         draws.append(('schedule', plot_schedule))
@@ -293,10 +316,10 @@ def plot_run(folder):
         fig, ax = plt.subplots(figsize=(8, 5), layout='constrained')
         draw(ax, rows, cfg)
         ax.set_title(run_title(folder, cfg), fontsize=10)
-        written.append(save(fig, os.path.join(folder, f'{name}.png')))
+        written.append(save(fig, os.path.join(into, f'{name}.png')))
     fig = plt.figure(figsize=(12, 8), layout='constrained')
     if plot_centers(fig, rows, cfg):
-        written.append(save(fig, os.path.join(folder, 'centers.png')))
+        written.append(save(fig, os.path.join(into, 'centers.png')))
     else:
         plt.close(fig)
     return written
@@ -332,7 +355,15 @@ def plot_comparison(folders, out):
 
 def plot_sweep(folder, out=None):
     """sweep.png (or `out`) of the sweep in `folder` (sweep_figure)."""
-    summary = read_json(os.path.join(folder, 'summary.json'))
+    path = os.path.join(folder, 'summary.json')
+    if not os.path.isfile(path):
+        kind = ('a run folder: draw it with python plot.py ' + folder
+                if os.path.isfile(os.path.join(folder, 'config.json')) else
+                'no sweep folder')
+        raise RunError(f"{folder} holds no summary.json, so it is {kind}. --sweep takes the "
+                       f"folder sweep.py made (results_dir/<sweep name>); its summary is "
+                       f"written once a run has finished.")
+    summary = read_json(path)
     if not summary['settings']:
         raise RunError(f"{folder}/summary.json holds no finished setting yet.")
     fig = sweep_figure(summary, os.path.basename(os.path.normpath(folder)))
@@ -410,6 +441,9 @@ def print_table(folders):
             rows.append(table_row(folder))
         except RunError as e:
             print(f"left out: {e}", file=sys.stderr)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            print(f"left out: {folder}: its config.json or metrics.jsonl lacks what a run of "
+                  f"this project writes ({type(e).__name__}: {e})", file=sys.stderr)
     if not rows:
         raise RunError(f"none of {', '.join(folders)} holds a run with a completed epoch.")
     print('| run | settings | best quantized test acc (all clients) | last | best full '
@@ -432,7 +466,7 @@ def main(argv=None):
         elif '--table' in argv:
             print_table(folders)
         elif len(folders) == 1:
-            for path in plot_run(folders[0]):
+            for path in plot_run(folders[0], options.get('--out')):
                 print(path)
         else:
             print(plot_comparison(folders, options.get('--out', 'comparison.png')))

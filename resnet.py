@@ -184,6 +184,10 @@ def read_checkpoint(path):
                               f"pretrained_path at its default to download the authors' file.")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
+    except PermissionError:
+        raise CheckpointError(f"checkpoint {path!r} cannot be read: permission denied. Give this "
+                              f"user read access to it (chmod u+r) and try again; the file "
+                              f"itself may be fine.") from None
     except Exception as e:  # torch raises many types for a damaged file
         if 'Unsupported global' in str(e):
             raise CheckpointError(

@@ -5,6 +5,7 @@ import ast
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import io
 import json
@@ -400,7 +401,7 @@ def new_run_folder(results_dir, name, resume_hint):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f"{folder} is a file, not a run folder: choose another --run_name or "
                           f"--results_dir.")
-    if os.path.isdir(folder) and os.listdir(folder):
+    if os.path.isdir(folder) and not holds_nothing(folder):
         raise ConfigError(f"{folder} already holds a run; it is never overwritten. Choose another "
                           f"--run_name, or continue that run with: {resume_hint(folder)}")
     try:
@@ -409,6 +410,36 @@ def new_run_folder(results_dir, name, resume_hint):
         raise ConfigError(f"cannot create the run folder {folder} ({e.strerror}): choose a "
                           f"writable --results_dir.") from None
     return folder
+
+
+def leftovers(folder):
+    """What a run killed before its first output leaves: the lock, and temporary files of
+    writes it never finished."""
+    return [f for f in os.listdir(folder) if f == '.lock' or f.startswith('.tmp-')]
+
+
+def holds_nothing(folder):
+    """Whether a run folder holds no run yet (nothing, or only leftovers), so that a new run may
+    take it: no folder is a dead end that neither a new run nor --resume accepts."""
+    return len(leftovers(folder)) == len(os.listdir(folder))
+
+
+def remove_unfinished_writes(folder):
+    """Delete the temporary files of writes a kill cut short (write_atomic, write_together):
+    never read, they only take room."""
+    for name in leftovers(folder):
+        if name.startswith('.tmp-'):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+
+
+def describe_os_error(e, folder):
+    """'the disk holding FOLDER is full' for a full disk, else the error with its file."""
+    if e.errno == errno.ENOSPC:
+        return f"the disk holding {folder} is full (No space left on device)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.filename or folder} cannot be written: {e.strerror.lower()}"
+    return f"{e.strerror}: {e.filename or folder}"
 
 
 @contextlib.contextmanager
@@ -429,10 +460,16 @@ def locked(folder, name='.lock', doing='training'):
             raise ConfigError(f"another process is {doing} {folder} (it holds {path}): wait "
                               f"for it to end, or stop it, before running or resuming this "
                               f"{'run' if doing == 'training' else 'sweep'}.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except OSError as e:
+            raise ConfigError(f"cannot start in {folder}: {describe_os_error(e, folder)}. Make "
+                              f"room or choose another --results_dir; nothing else was "
+                              f"written.") from None
+        remove_unfinished_writes(folder)
         yield
     finally:
         handle.close()
@@ -448,17 +485,20 @@ def write_rows(folder, rows, lists=None):
                  ''.join(json.dumps(row) + '\n' for row in rows).encode())
 
 
-def read_resume(folder, overrides, resumable, marker, script):
+def read_resume(folder, overrides, resumable, marker, script, defaults=None, check=None):
     """(configuration, last.pt's contents or None) of the run in `folder`, a run of `script`
     (its configuration has `marker`). A run stopped before its first epoch ended has only
     config.json: it starts again from the beginning. Overrides other than `resumable` must
-    match the saved configuration."""
+    match the saved configuration. Hyperparameters the run predates take their `defaults`; a
+    saved value of another type than its default's, or one that `check` (the script's
+    configuration check) refuses, is an error that names the file, before anything is written."""
     path = os.path.join(folder, 'last.pt')
     config_path = os.path.join(folder, 'config.json')
     if not os.path.isfile(path) and not os.path.isfile(config_path):
         raise ConfigError(f"--resume={folder}: no run there (neither last.pt nor config.json); "
                           f"name a folder that a run wrote.")
     checkpoint = None
+    source = path if os.path.isfile(path) else config_path
     try:
         if os.path.isfile(path):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
@@ -466,10 +506,12 @@ def read_resume(folder, overrides, resumable, marker, script):
         else:
             with open(config_path) as f:
                 cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
+    except PermissionError:
+        raise ConfigError(f"{source} cannot be read: permission denied. Give this user read "
+                          f"access to it (chmod u+r), then resume again.") from None
     except Exception as e:
-        raise ConfigError(f"{path if checkpoint is None and os.path.isfile(path) else config_path}"
-                          f" cannot be read ({type(e).__name__}); it is damaged. Start a new run "
-                          f"instead.") from None
+        raise ConfigError(f"{source} cannot be read ({type(e).__name__}); it is damaged. Start a "
+                          f"new run instead.") from None
     cfg.pop('code', None)  # config.json's record of the code, not a hyperparameter
     if marker not in cfg:
         other = 'main_federated.py' if 'rounds' in cfg else 'main_centralized.py'
@@ -483,6 +525,22 @@ def read_resume(folder, overrides, resumable, marker, script):
                           f"may change; start a new run for the others.")
     cfg.update({k: v for k, v in overrides.items() if k in resumable})
     cfg['resume'] = folder
+    if defaults is not None:
+        wrong = [f"{k}={cfg[k]!r} is not {describe_type(v)}" for k, v in defaults.items()
+                 if k in cfg and coerce(v, cfg[k]) is None]
+        if wrong:
+            raise ConfigError(f"{source} holds values the run cannot use ({'; '.join(wrong)}): "
+                              f"it was edited or damaged. Restore the run's values, or start a "
+                              f"new run.")
+        cfg = {**defaults, **{k: coerce(defaults[k], v) if k in defaults else v
+                              for k, v in cfg.items()}}
+    if check is not None:
+        try:
+            check(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{source} holds a configuration the run cannot use: {e} It was "
+                              f"edited or damaged: restore the run's values, or start a new "
+                              f"run.") from None
     return cfg, checkpoint
 
 
@@ -607,10 +665,10 @@ def train_loop(folder, rows, total, step, save, line, unit, resume_hint, lists=N
         raise Interrupted(f"{what}: {kept(folder, saved, unit)}; continue with: "
                           f"{resume_hint(folder)}", exit_status(e)) from None
     except OSError as e:
-        raise OutputError(f"could not write the outputs of {unit} {saved + 1} ({e.strerror}: "
-                          f"{e.filename}); the run stopped and {kept(folder, saved, unit)}. Make "
-                          f"room or fix the folder's permissions, then continue with: "
-                          f"{resume_hint(folder)}") from None
+        raise OutputError(f"could not write the outputs of {unit} {saved + 1} "
+                          f"({describe_os_error(e, folder)}); the run stopped and "
+                          f"{kept(folder, saved, unit)}. Make room or fix the folder's "
+                          f"permissions, then continue with: {resume_hint(folder)}") from None
     return rows
 
 

@@ -217,3 +217,43 @@ def test_plot_explains_folders_without_a_run(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert 'no completed epoch' in err and 'Traceback' not in err
+
+
+@pytest.mark.parametrize('content, phrase', [
+    ({'centers': torch.zeros(2, 2), 'config': {}}, "KeyError: 'resn'"),
+    ({'clients': [{'centers': torch.zeros(2)}], 'global': None, 'round': 1}, 'KeyError'),
+    ([1, 2, 3], 'holds no centers'),
+])
+def test_hand_made_checkpoints_are_named_not_tracebacks(tmp_path, capsys, content, phrase):
+    path = tmp_path / 'made.pt'
+    torch.save(content, path)
+    exits_with_error(capsys, export.main, [str(path)], str(path), phrase)
+    assert os.listdir(tmp_path) == ['made.pt']
+
+
+def test_a_checkpoint_whose_config_names_another_architecture_is_named(cifar_root, tmp_path,
+                                                                        capsys):
+    folder = run_folder(cifar_root, tmp_path)
+    checkpoint = torch.load(os.path.join(folder, 'best_quantized.pt'), weights_only=True)
+    checkpoint['config']['resn'] = 20
+    path = tmp_path / 'edited.pt'
+    torch.save(checkpoint, path)
+    exits_with_error(capsys, export.main, [str(path)], str(path), 'does not fit resnet20',
+                     'was edited or belongs to another run')
+
+
+def test_an_unreadable_checkpoint_is_called_unreadable_not_damaged(cifar_root, tmp_path, capsys,
+                                                                    monkeypatch):
+    folder = run_folder(cifar_root, tmp_path)
+    path = os.path.join(folder, 'best_quantized.pt')
+
+    def denied(file, *args, **kwargs):  # what open() raises for a file without read access
+        raise PermissionError(13, 'Permission denied', file)  # (root reads every file)
+    monkeypatch.setattr(torch, 'load', denied)
+    for main, argv in ((export.main, [path]), (mc.main, [f'--evaluate={path}']),
+                       (mc.main, [f'--resume={folder}'])):
+        message = exits_with_error(capsys, main, argv, 'cannot be read: permission denied',
+                                   'chmod u+r')
+        assert 'damaged' not in message
+    with pytest.raises(resnet.CheckpointError, match='permission denied'):
+        mc.load_model(path)

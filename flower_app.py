@@ -442,6 +442,12 @@ def simulate(run_config, num_supernodes, backend_config=None):
     from flwr.common.config import get_fused_config_from_dir
     from flwr.simulation.run_simulation import EventType, _run_simulation
 
+    unknown = sorted(set(run_config) - set(pyproject_defaults()))
+    if unknown:
+        raise runtime.ConfigError(
+            f"unknown run-config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the "
+            f"app's keys are main_federated.py's hyperparameters ({', '.join(pyproject_defaults())})"
+            f".")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(APP_DIR, dict(run_config)))
     result = _run_simulation(num_supernodes=num_supernodes, client_app=client, server_app=server,

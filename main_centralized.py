@@ -6,6 +6,8 @@ Each run writes its logs and best checkpoints to {results_dir}/{run_name}/ (READ
     python main_centralized.py --resume=Results/<run>            continue a killed run
     python main_centralized.py --evaluate=Results/<run>/best_quantized.pt   test a checkpoint
 """
+if __name__ == '__main__':  # first, so that a Ctrl-C while torch loads ends quietly too
+    import startup  # noqa: F401
 import datetime
 import json
 import math

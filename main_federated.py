@@ -9,6 +9,8 @@ Each run writes its logs, partition and checkpoints to {results_dir}/{run_name}/
 "Federated"). `--resume=Results/<run>` continues a killed run. The algorithm's units live in
 federated.py, which flower_app.py runs on Flower.
 """
+if __name__ == '__main__':  # first, so that a Ctrl-C while torch loads ends quietly too
+    import startup  # noqa: F401
 import json
 import os
 import sys

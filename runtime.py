@@ -57,6 +57,14 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
+def handle_stop_signals():
+    """Once the libraries are loaded (startup.py's handlers until then): Ctrl-C raises
+    KeyboardInterrupt, SIGTERM its subclass Terminated, so that a script stops as it does on
+    Ctrl-C, saying what it kept."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def stop_with_parent(parent):
     """SIGTERM this process once `parent` (a pid) is no longer its parent: a run whose sweep was
     killed outright stops, keeping its last completed round, instead of training on alone."""
@@ -682,7 +690,7 @@ def run_guarded(body, argv, errors, help_text=None):
         except BrokenPipeError:  # `--help | head`: the reader has gone, which is fine
             sys.stdout = open(os.devnull, 'w')
         return None
-    signal.signal(signal.SIGTERM, raise_terminated)
+    handle_stop_signals()
     if os.environ.get(PARENT_ENV, '').isdigit():
         stop_with_parent(int(os.environ[PARENT_ENV]))
     try:

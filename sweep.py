@@ -25,6 +25,8 @@ name and the date), --compare=NAME (default: algorithm when it is an axis),
 --baseline=VALUE[,VALUE...], --jobs=N runs at a time (default 1), --threads=N torch threads per
 run (default: the CPUs divided among the jobs).
 """
+if __name__ == '__main__':  # first, so that a Ctrl-C while torch loads ends quietly too
+    import startup  # noqa: F401
 import concurrent.futures
 import datetime
 import itertools
@@ -292,10 +294,6 @@ class Children:
             process.wait()
 
 
-def stop_on_sigterm(signum, frame):
-    raise runtime.Terminated
-
-
 def run_all(script, runs, axes, sweep_dir, jobs, threads):
     """Run every run that is not finished, `jobs` at a time; each one's output goes to
     logs/<run name>.log in the sweep's folder. Returns the folders that failed."""
@@ -314,7 +312,6 @@ def run_all(script, runs, axes, sweep_dir, jobs, threads):
            runtime.PARENT_ENV: str(os.getpid())}
     children = Children(env)
     failed = []
-    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     try:
         futures = {executor.submit(children.run, folder, cmd): folder for folder, cmd in pending}
@@ -330,7 +327,6 @@ def run_all(script, runs, axes, sweep_dir, jobs, threads):
         raise
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
-        signal.signal(signal.SIGTERM, previous)
     return failed
 
 
@@ -598,6 +594,7 @@ def sweep(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    runtime.handle_stop_signals()
     try:
         sweep(argv)
     except (SweepError, runtime.ConfigError, OSError) as e:

@@ -268,3 +268,11 @@ def test_the_server_names_missing_partition_ids():
         flower_app.check_partitions({0: 5, 1: 5}, 2, 2)
     with pytest.raises(runtime.ConfigError, match='1 SuperNodes share an id'):
         flower_app.check_partitions({0: 2, 1: 2}, 2, 3)
+
+
+def test_an_unknown_run_config_key_is_named_before_flower_starts(cifar_root, tmp_path):
+    config = run_config(cifar_root, tmp_path, 'run', bogus_key=1)
+    with pytest.raises(runtime.ConfigError, match="unknown run-config key bogus_key: the app's "
+                                                  "keys are main_federated.py's"):
+        simulate(config)
+    assert not (tmp_path / 'run').exists()

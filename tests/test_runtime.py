@@ -4,7 +4,10 @@ anything is written, and the code version each run records."""
 import errno
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -88,3 +91,27 @@ def test_script_defaults_are_read_from_the_source_as_the_script_defines_them():
     import main_federated as mf
     assert runtime.script_defaults(str(ROOT / 'main_federated.py')) == mf.DEFAULTS
     assert runtime.script_defaults(str(ROOT / 'main_centralized.py')) == mc.DEFAULTS
+
+
+@pytest.mark.parametrize('delay', [0.2, 0.7, 1.5, 3.0])
+def test_ctrl_c_at_any_moment_of_a_start_ends_with_one_line(cifar_root, tmp_path, delay):
+    """SIGINT while torch loads, while the data loads or in the first epoch: one line on
+    stderr, no traceback, exit status 130, and the run (if one began) still resumable."""
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / 'main_centralized.py'), f'--data_root={cifar_root}',
+         f'--results_dir={tmp_path}', '--run_name=r', '--resn=8', '--cold_start=True',
+         '--EPOCHS=20', '--BATCH_SIZE=50'], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, cwd=ROOT)
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    try:
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    lines = err.strip().splitlines()
+    assert child.returncode == runtime.INTERRUPTED, err
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith(('interrupted while starting', 'interrupted before the run',
+                                'interrupted: '))

@@ -11,6 +11,7 @@ uncertain choice a hyperparameter (README.md, "Federated: what is the authors' a
 """
 import copy
 import datetime
+import hashlib
 import math
 import os
 import statistics
@@ -24,12 +25,15 @@ import runtime
 import training
 import utils
 
-ALGORITHMS = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'fedavg_qft', 'local')
+ALGORITHMS = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'fedavg_qft', 'local', 'central')
 PERSONALISED = ('quped', 'qupel', 'local')  # every client trains a model of its own
 COMMUNICATING = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'fedavg_qft')  # a global model travels
 FEDAVG = ('fedavg', 'fedavg_ft', 'fedavg_qft')  # the clients train only the global model
 FINE_TUNED = ('fedavg_ft', 'fedavg_qft')  # each client evaluates a fine-tuned copy of it
 CLIENT_MODELS = PERSONALISED + ('fedavg_qft',)  # best.pt keeps a (quantized) model per client
+CENTRAL = 'central'  # no client trains: the global model on the union of their training images
+GLOBAL_MODEL = COMMUNICATING + (CENTRAL,)  # the run has a global model
+IN_PROCESS_ONLY = (CENTRAL,)  # nothing for a Flower client to do
 PARTITIONS = ('pathological', 'dirichlet')
 KD_FORMS = ('released', 'hinton')  # released: only the teacher's logits / T (quirk 8)
 AGGREGATIONS = ('samples', 'uniform')
@@ -100,6 +104,9 @@ def check_config(cfg):
                         f"rounds")
     if not cfg['cold_start'] and not cfg['pretrained_path']:
         problems.append("cold_start=False needs a pretrained_path")
+    if cfg['global_pretrained'] and cfg['algorithm'] not in GLOBAL_MODEL:
+        problems.append(f"global_pretrained is for algorithms with a global model; "
+                        f"{cfg['algorithm']} has none")
     problems += runtime.common_problems(cfg)
     if problems:
         raise ConfigError('; '.join(problems) + '. Fix these hyperparameters and run again.')
@@ -238,10 +245,92 @@ def new_client_state(cfg, client, dev):
 
 
 def new_global_model(cfg, dev):
-    """The global model, or None for `local`, which has none."""
-    if cfg['algorithm'] not in COMMUNICATING:
+    """The global model, or None for `local`, which has none; it starts from global_pretrained
+    when one is given."""
+    if cfg['algorithm'] not in GLOBAL_MODEL:
         return None
-    return build_model(cfg, cfg['global_arch'], dev, cfg['seed'] + GLOBAL_SEED_OFFSET)
+    model = build_model(cfg, cfg['global_arch'], dev, cfg['seed'] + GLOBAL_SEED_OFFSET)
+    if cfg['global_pretrained']:
+        model.load_state_dict(global_pretrained_state(cfg))
+    return model
+
+
+def global_pretrained_state(cfg):
+    """The global model's starting state from global_pretrained: the global model of a
+    main_federated.py best.pt or last.pt (a `central` run's, say), or a state_dict of
+    global_arch in any layout resnet.read_state_dict reads."""
+    path, arch = cfg['global_pretrained'], cfg['global_arch']
+    checkpoint = resnet.read_checkpoint(path)
+    if isinstance(checkpoint, dict) and 'global' in checkpoint and 'round' in checkpoint:
+        saved = checkpoint['global']
+        saved_arch = saved.get('arch', checkpoint['config']['global_arch']) if isinstance(
+            saved, dict) and 'state_dict' in saved else checkpoint['config']['global_arch']
+        state = saved['state_dict'] if isinstance(saved, dict) and 'state_dict' in saved \
+            else saved
+        if state is None or saved_arch != arch:
+            raise resnet.CheckpointError(
+                f"global_pretrained={path!r} holds "
+                f"{'no global model' if state is None else 'a ' + saved_arch + ' global model'}"
+                f", and this run's global_arch is {arch}: give a file with a {arch} global "
+                f"model, or the matching --global_arch.")
+        model = resnet.build(arch)
+        model.load_state_dict(state)
+        return model.state_dict()
+    model = resnet.build(arch)
+    resnet.load_checkpoint(model, path, arch)
+    return model.state_dict()
+
+
+def describe_global_start(cfg):
+    """The line a run prints about where its global model starts."""
+    if cfg['algorithm'] not in GLOBAL_MODEL:
+        return None
+    if not cfg['global_pretrained']:
+        return "global model: from its own random initialisation"
+    with open(cfg['global_pretrained'], 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+    return (f"global model: warm-started from {cfg['global_pretrained']} (sha256 "
+            f"{digest[:16]})")
+
+
+def new_central_state(cfg, dev):
+    """`central`'s training state: SGD on the global model (global_lr, global_momentum,
+    weight_decay), kept across rounds, and its batch generator."""
+    return {'optimizer': None, 'generator': runtime.device_generator(
+        cfg['seed'] + GLOBAL_SEED_OFFSET, dev)}
+
+
+def central_optimizer(cfg, state, global_model):
+    if state['optimizer'] is None:
+        state['optimizer'] = torch.optim.SGD(global_model.parameters(), lr=cfg['global_lr'],
+                                             momentum=cfg['global_momentum'],
+                                             weight_decay=cfg['weight_decay'])
+    return state['optimizer']
+
+
+def union_dataset(cifar, parts):
+    """Every client's training images together (never a validation or test image)."""
+    train = torch.tensor([i for part in parts for i in part['train_indices']], dtype=torch.long)
+    return data.subset(cifar, train, test=torch.zeros(0, dtype=torch.long))
+
+
+def central_round(cfg, state, global_model, union):
+    """`central`'s round: local_epochs of cross-entropy SGD of the global model over the union
+    of the clients' training images; returns its training metrics."""
+    loss, accuracy = sgd_epochs(global_model, central_optimizer(cfg, state, global_model), union,
+                                cfg['BATCH_SIZE'], state['generator'], cfg['local_epochs'])
+    return {'train_loss': loss, 'train_acc': accuracy}
+
+
+def saved_central_state(state):
+    return {'optimizer': None if state['optimizer'] is None else state['optimizer'].state_dict(),
+            'generator': state['generator'].get_state()}
+
+
+def load_central_state(cfg, state, saved, global_model):
+    if saved['optimizer'] is not None:
+        central_optimizer(cfg, state, global_model).load_state_dict(saved['optimizer'])
+    state['generator'].set_state(saved['generator'])
 
 
 def describe_warm_start(cfg):
@@ -654,7 +743,8 @@ def round_row(cfg, rnd, entries, timings):
             'lambda2': sched['lam2'] if personal else None,
             'lr1': training.ADAM_LR if personal else None,
             'lr2': sched['lr2'] if personal else None,
-            'global_lr': cfg['global_lr'] if cfg['algorithm'] in COMMUNICATING else None,
+            'global_lr': cfg['global_lr'] if cfg['algorithm'] in GLOBAL_MODEL
+            else None,
             'frozen': sched['frozen'] if personal else False,
             'sampled': [c['client'] for c in entries if c['sampled']],
             'bytes_down': sum(c['bytes_down'] for c in entries),
@@ -664,7 +754,7 @@ def round_row(cfg, rnd, entries, timings):
 
 MODEL_LABELS = {'quped': 'personalised quantized', 'qupel': 'personalised quantized',
                 'local': 'local quantized', 'fedavg': 'global', 'fedavg_ft': 'fine-tuned global',
-                'fedavg_qft': 'quantized fine-tuned global'}
+                'fedavg_qft': 'quantized fine-tuned global', 'central': 'central'}
 
 
 def round_line(cfg):
@@ -722,13 +812,16 @@ def best_file(cfg, folder, row, client_entries, global_model):
             'state_dict': {k: v.cpu() for k, v in global_model.state_dict().items()}}})}
 
 
-def last_file(cfg, folder, rows, clients, global_model, sampler, best, fingerprint):
+def last_file(cfg, folder, rows, clients, global_model, sampler, best, fingerprint,
+              central=None):
     """{path: bytes} of last.pt: everything a resumed run needs (`clients`: each client's
-    saved_client_state, or None when the clients keep their states themselves)."""
+    saved_client_state, or None when the clients keep their states themselves; `central`:
+    saved_central_state, for `central`)."""
     return {os.path.join(folder, 'last.pt'): runtime.torch_bytes({
         'config': cfg, 'round': len(rows), 'rows': rows, 'clients': clients,
         'global': None if global_model is None else global_model.state_dict(),
-        **runtime.rng_states(sampler), 'best': best, 'data_fingerprint': fingerprint})}
+        **runtime.rng_states(sampler), 'best': best, 'data_fingerprint': fingerprint,
+        'central': central})}
 
 
 def write_checkpoints(cfg, folder, rows, files):

@@ -369,8 +369,12 @@ def serve(grid, context):
     """The run: configuration, clients' check, then the rounds; returns the run folder."""
     cfg, overrides = config_from_run_config(context.run_config)
     checkpoint = None
-    for key in ('data_root', 'results_dir', 'resume', 'pretrained_path'):
+    for key in ('data_root', 'results_dir', 'resume', 'pretrained_path', 'global_pretrained'):
         cfg[key] = resolve(cfg[key])
+    if cfg['algorithm'] in federated.IN_PROCESS_ONLY:
+        raise runtime.ConfigError(f"algorithm={cfg['algorithm']!r} trains no client, so it has "
+                                  f"nothing to run on Flower: run it with python "
+                                  f"main_federated.py --algorithm={cfg['algorithm']}")
     if cfg['resume']:
         cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE,
                                               'rounds', 'flower_app.py')

@@ -30,7 +30,9 @@ import training
 # on validation accuracy; the schedule is Algorithm 1's 250 epochs scaled to 150 rounds.
 algorithm = 'quped'            # quped; qupel (L2 pull in place of KD); fedavg (the global model);
                                # fedavg_ft (it, fine-tuned on each client); fedavg_qft (it,
-                               # fine-tuned by Algorithm 1 at each client's bits); local (no server)
+                               # fine-tuned by Algorithm 1 at each client's bits); local (no server);
+                               # central (the global model on the union of the clients' training
+                               # images, no client training: a teacher for global_pretrained)
 n_clients = 20                 # clients in the federation
 client_fraction = 1.0          # share of the clients sampled each round (local: all train)
 rounds = 150                   # communication rounds
@@ -70,6 +72,8 @@ freeze_round = 120             # hard-quantize and freeze the personalised model
 center_reg_fix = True          # descent sign for the L1 center regulariser (quirk 1 fixed)
 cold_start = True              # False: every model of pretrained_path's architecture starts there
 pretrained_path = ''           # a full-precision checkpoint, for cold_start=False
+global_pretrained = ''         # the global model starts here: a best.pt (a central run's) or a
+                               # state_dict of global_arch; '' = its own initialisation
 seed = 1234                    # seeds the partition, initialisation, sampling and batches
 data_root = 'data'             # folder holding cifar-10-batches-py/ (downloaded when absent)
 results_dir = 'Results'        # each run writes to results_dir/run_name/
@@ -94,7 +98,12 @@ def start(cfg, dev):
     print(federated.describe_warm_start(cfg))
     clients = [federated.new_client_state(cfg, client, dev) for client in range(cfg['n_clients'])]
     global_model = federated.new_global_model(cfg, dev)
+    if global_model is not None:
+        print(federated.describe_global_start(cfg))
+    central = cfg['algorithm'] == federated.CENTRAL
     return parts, {'clients': clients, 'global_model': global_model,
+                   'central': federated.new_central_state(cfg, dev) if central else None,
+                   'union': federated.union_dataset(cifar, parts) if central else None,
                    'datasets': [federated.client_dataset(cifar, part) for part in parts],
                    'global_copy': None if global_model is None else
                    resnet.build(cfg['global_arch']).to(dev),
@@ -103,12 +112,16 @@ def start(cfg, dev):
 
 
 def run_round(cfg, run, rnd):
-    """Sample, train the sampled clients, aggregate, evaluate every client; the round's row."""
+    """Sample, train the sampled clients, aggregate, evaluate every client; the round's row.
+    `central` trains the global model itself and no client."""
     clients, global_model, datasets = run['clients'], run['global_model'], run['datasets']
-    sampled = federated.sample_clients(cfg, run['sampler'])
+    central = run['central'] is not None
+    sampled = [] if central else federated.sample_clients(cfg, run['sampler'])
     global_state = None if global_model is None else federated.model_state(global_model)
     begin = time.perf_counter()
     replies, trained = [], {}
+    central_metrics = (federated.central_round(cfg, run['central'], global_model, run['union'])
+                       if central else {})
     for client in runtime.progress(sampled, len(sampled), f"round {rnd + 1}", 'clients trained'):
         new_state, weight, trained[client] = federated.client_round(
             cfg, client, clients[client], global_state, run['global_copy'], datasets[client], rnd)
@@ -118,12 +131,12 @@ def run_round(cfg, run, rnd):
         global_model.load_state_dict(federated.aggregate(*zip(*replies)))
     training.synchronize(datasets[0]['train_y'].device)
     middle = time.perf_counter()
-    sent = 0 if global_model is None else federated.model_bytes(global_model)
+    sent = 0 if global_model is None or central else federated.model_bytes(global_model)
     entries = [federated.evaluate_client(cfg, client, clients[client], global_model,
                                          datasets[client], rnd, trained.get(client), sent)
                for client in range(cfg['n_clients'])]
     timings = {'train_seconds': middle - begin, 'eval_seconds': time.perf_counter() - middle}
-    return federated.round_row(cfg, rnd, entries, timings)
+    return {**federated.round_row(cfg, rnd, entries, timings), **central_metrics}
 
 
 def save(cfg, run, folder, rows):
@@ -137,11 +150,12 @@ def save(cfg, run, folder, rows):
         files.update(federated.best_file(cfg, folder, row, entries, run['global_model']))
     files.update(federated.last_file(
         cfg, folder, rows, [federated.saved_client_state(state) for state in run['clients']],
-        run['global_model'], run['sampler'], run['best'], run['fingerprint']))
+        run['global_model'], run['sampler'], run['best'], run['fingerprint'],
+        None if run['central'] is None else federated.saved_central_state(run['central'])))
     federated.write_checkpoints(cfg, folder, rows, files)
 
 
-def restore(run, checkpoint, folder):
+def restore(cfg, run, checkpoint, folder):
     if checkpoint['clients'] is None:
         raise runtime.ConfigError(
             f"{folder} was trained on Flower, whose clients keep their own states: continue it "
@@ -150,6 +164,9 @@ def restore(run, checkpoint, folder):
         federated.load_client_state(state, saved)
     if run['global_model'] is not None:
         run['global_model'].load_state_dict(checkpoint['global'])
+    if run['central'] is not None:
+        federated.load_central_state(cfg, run['central'], checkpoint['central'],
+                                     run['global_model'])
     runtime.restore_rng_states(checkpoint, run['sampler'])
     run['best'] = checkpoint['best']
 
@@ -183,7 +200,7 @@ def train(cfg, overrides):
             cfg['run_name'] = os.path.basename(os.path.normpath(folder))
             rows = []
         else:
-            restore(run, checkpoint, folder)
+            restore(cfg, run, checkpoint, folder)
             rows = checkpoint['rows']
             runtime.write_rows(folder, rows)  # a log a kill left behind last.pt catches up
             print(f"resuming {folder} after round {len(rows)}")

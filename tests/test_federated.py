@@ -691,3 +691,68 @@ def test_the_teachers_scores_over_the_clients_own_classes_equal_a_hand_computati
                                                              rel=1e-6)
     dataset = {'train_y': torch.tensor([7, 3, 3, 7, 0])}
     assert federated.own_classes(dataset).tolist() == [0, 3, 7]
+
+
+def test_central_trains_the_global_model_alone_on_the_union_of_the_clients_training_images(
+        cifar_root, tmp_path):
+    """central against SGD written out: the same initialisation, one epoch a round over every
+    client's training images (none of their validation or test images), batches from the
+    global seed's generator, the optimizer kept across rounds; no client trains."""
+    folder = mf.main(fed_args(cifar_root, tmp_path, '--algorithm=central', '--rounds=2'))
+    metrics = rows(folder)
+    assert all(row['sampled'] == [] and row['bytes_down'] == row['bytes_up'] == 0
+               for row in metrics)
+    cfg = json.load(open(os.path.join(folder, 'config.json')))
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    cifar = data.load_cifar10(cifar_root, 'cpu')
+    parts = json.load(open(os.path.join(folder, 'partition.json')))
+    train = sorted(i for p in parts for i in p['train_indices'])
+    held_out = {i for p in parts for i in p['val_indices']}
+    assert not held_out & set(train)
+    union = federated.union_dataset(cifar, parts)
+    assert sorted(union['train_y'].tolist()) == sorted(cifar['train_y'][train].tolist())
+    torch.manual_seed(cfg['seed'] + federated.GLOBAL_SEED_OFFSET)
+    model = resnet.build('resnet8')
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg['global_lr'],
+                                momentum=cfg['global_momentum'])
+    generator = torch.Generator().manual_seed(cfg['seed'] + federated.GLOBAL_SEED_OFFSET)
+    model.train()
+    for _ in range(2):
+        for x, y in data.train_batches(union, cfg['BATCH_SIZE'], generator):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    saved = torch.load(os.path.join(folder, 'last.pt'), weights_only=True)['global']
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_killed_central_run_resumes_to_the_uninterrupted_one(cifar_root, tmp_path,
+                                                               monkeypatch):
+    args = ['--algorithm=central', '--rounds=3']
+    with monkeypatch.context() as patch:
+        kill_after_round(patch, 1)
+        with pytest.raises(Killed):
+            mf.main(fed_args(cifar_root, tmp_path, *args, name='killed'))
+    folder = mf.main([f'--resume={tmp_path / "results" / "killed"}'])
+    whole = mf.main(fed_args(cifar_root, tmp_path, *args, name='whole'))
+    assert without_timings(rows(folder)) == without_timings(rows(whole))
+    assert_same_best(folder, whole)
+
+
+def test_the_global_model_warm_starts_from_a_central_runs_best(cifar_root, tmp_path, capsys):
+    teacher = mf.main(fed_args(cifar_root, tmp_path, '--algorithm=central', name='teacher'))
+    best = torch.load(os.path.join(teacher, 'best.pt'), weights_only=True)['global']['state_dict']
+    capsys.readouterr()
+    student = fed_args(cifar_root, tmp_path, '--algorithm=quped',
+                       f'--global_pretrained={teacher}/best.pt', name='student')
+    cfg, _ = federated.make_config(mf.DEFAULTS, student)
+    started = federated.new_global_model(cfg, 'cpu').state_dict()
+    assert all(torch.equal(started[k], v) for k, v in best.items())
+    mf.main(student)
+    assert f'global model: warm-started from {teacher}/best.pt (sha256 ' in capsys.readouterr().out
+    local = fed_args(cifar_root, tmp_path, '--algorithm=local',
+                     f'--global_pretrained={teacher}/best.pt', name='x')
+    fails_with(capsys, local, 'global_pretrained is for algorithms with a global model')
+    other = fed_args(cifar_root, tmp_path, '--algorithm=fedavg', '--global_arch=cifarnet',
+                     f'--global_pretrained={teacher}/best.pt', name='y')
+    fails_with(capsys, other, 'a resnet8 global model', 'global_arch is cifarnet')

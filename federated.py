@@ -104,9 +104,6 @@ def check_config(cfg):
                         f"rounds")
     if not cfg['cold_start'] and not cfg['pretrained_path']:
         problems.append("cold_start=False needs a pretrained_path")
-    if cfg['global_pretrained'] and cfg['algorithm'] not in GLOBAL_MODEL:
-        problems.append(f"global_pretrained is for algorithms with a global model; "
-                        f"{cfg['algorithm']} has none")
     problems += runtime.common_problems(cfg)
     if problems:
         raise ConfigError('; '.join(problems) + '. Fix these hyperparameters and run again.')
@@ -284,7 +281,8 @@ def global_pretrained_state(cfg):
 def describe_global_start(cfg):
     """The line a run prints about where its global model starts."""
     if cfg['algorithm'] not in GLOBAL_MODEL:
-        return None
+        return (f"global_pretrained={cfg['global_pretrained']!r}: not used, {cfg['algorithm']} "
+                f"has no global model" if cfg['global_pretrained'] else None)
     if not cfg['global_pretrained']:
         return "global model: from its own random initialisation"
     with open(cfg['global_pretrained'], 'rb') as f:

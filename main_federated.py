@@ -98,7 +98,7 @@ def start(cfg, dev):
     print(federated.describe_warm_start(cfg))
     clients = [federated.new_client_state(cfg, client, dev) for client in range(cfg['n_clients'])]
     global_model = federated.new_global_model(cfg, dev)
-    if global_model is not None:
+    if federated.describe_global_start(cfg):
         print(federated.describe_global_start(cfg))
     central = cfg['algorithm'] == federated.CENTRAL
     return parts, {'clients': clients, 'global_model': global_model,

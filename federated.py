@@ -751,8 +751,10 @@ def round_row(cfg, rnd, entries, timings):
 
 
 MODEL_LABELS = {'quped': 'personalised quantized', 'qupel': 'personalised quantized',
-                'local': 'local quantized', 'fedavg': 'global', 'fedavg_ft': 'fine-tuned global',
-                'fedavg_qft': 'quantized fine-tuned global', 'central': 'central'}
+                'local': 'local quantized', 'fedavg': 'global model',
+                'fedavg_ft': 'fine-tuned global model',
+                'fedavg_qft': 'quantized fine-tuned global model',
+                'central': 'centrally trained global model'}
 
 
 def round_line(cfg):

@@ -209,7 +209,7 @@ def test_plot_on_a_corrupt_log_says_which_line_and_the_table_leaves_it_out(cifar
         f.write('{"epoch": 2, "trunc\n')
     before = digests(bad)
     capsys.readouterr()
-    exits_with_error(capsys, plot.main, [bad], 'line 2 of', 'not JSON')
+    exits_with_error(capsys, plot.main, [bad], 'line 2 of', 'not a JSON object')
     plot.main(['--table', good, bad])
     captured = capsys.readouterr()
     assert 'good' in captured.out and '| bad |' not in captured.out
@@ -391,7 +391,7 @@ def test_console_lines_are_short_and_labelled(cifar_root, tmp_path, capsys):
     assert 'lr2 1.5e-04' in lines[0] and 'quirk 5' in out
     mf.main(fed_args(cifar_root, tmp_path, '--algorithm=fedavg'))
     fed_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('round')]
-    assert fed_lines and all('global acc' in line and 'personalised' not in line
+    assert fed_lines and all('global model acc' in line and 'personalised' not in line
                              for line in fed_lines)
 
 

@@ -2,7 +2,7 @@
 main_federated.py runs them in one process, flower_app.py on Flower. A client's units are
 `client_round` (its training in a round) and `evaluate_client` (its metrics); the server's are
 `sample_clients`, `aggregate` and `round_row`. The configuration's checks, the partitions and
-the outputs (`save_best`, `save_last`, `load_client_model`) live here too, so that both engines
+the outputs (`best_file`, `last_file`, `load_client_model`) live here too, so that both engines
 check the same things and write the same files.
 
 The released code defines only the center step's KD loss (utils.kd_loss, tested against the

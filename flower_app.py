@@ -86,12 +86,6 @@ def decode(text):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
-def to_bytes(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def from_bytes(blob):
     return torch.load(io.BytesIO(blob), map_location='cpu', weights_only=True)
 
@@ -166,7 +160,7 @@ def keep_state(context, folder, state, completed, to_file):
     """The client's state after `completed` rounds, in Context.state and, with `to_file`, in
     its file (the previous round's file kept beside it)."""
     saved = federated.saved_client_state(state)
-    context.state['client'] = ConfigRecord({'completed': completed, 'state': to_bytes(saved)})
+    context.state['client'] = ConfigRecord({'completed': completed, 'state': runtime.torch_bytes(saved)})
     STATES[(folder, partition_id(context))] = (completed, state)
     if to_file:
         latest, previous = state_paths(folder, context)
@@ -237,7 +231,7 @@ def evaluate(msg, context):
     keep_state(context, folder, state, rnd + 1, to_file=True)
     reply = {'entry': json.dumps(entry)}
     if cfg['algorithm'] in federated.CLIENT_MODELS:
-        reply['best'] = to_bytes(federated.best_client_entry(cfg, client_id, state))
+        reply['best'] = runtime.torch_bytes(federated.best_client_entry(cfg, client_id, state))
     return Message(RecordDict({'reply': ConfigRecord(reply)}), reply_to=msg)
 
 

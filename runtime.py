@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import tqdm
 from torch.func import functional_call
 
 import data
@@ -301,18 +302,7 @@ def restore_rng_states(states, generator):
 def write_atomic(path, data_bytes):
     """Write bytes to `path` through a temporary file and a rename: a kill mid-write leaves the
     previous file intact."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp-')
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; keep the usual mode
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data_bytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_together({os.fspath(path): data_bytes})
 
 
 def current_umask():
@@ -385,8 +375,14 @@ def write_together(files):
         for tmp in temporaries.values():
             os.unlink(tmp)
         raise
-    for path, tmp in temporaries.items():
-        os.replace(tmp, path)
+    try:
+        for path, tmp in list(temporaries.items()):
+            os.replace(tmp, path)
+            del temporaries[path]
+    finally:  # a rename that failed leaves no temporary file behind
+        for tmp in temporaries.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def check_run_name(results_dir, name):
@@ -617,24 +613,11 @@ class Clock:
 # --- running ---------------------------------------------------------------------------------
 
 def progress(items, total, label, unit):
-    """`items` as they come, with a one-line counter ("label: 120/390 unit") rewritten in place
-    on stderr at most twice a second, when `label` is given and stderr is a terminal; logs and
-    CI output stay clean."""
-    if not label or not sys.stderr.isatty():
-        yield from items
-        return
-    shown = 0.0
-    text = ''
-    for done, item in enumerate(items, 1):
-        yield item
-        now = time.monotonic()
-        if now - shown > 0.5 or done == total:
-            text = f"{label}: {done}/{total} {unit}"
-            sys.stderr.write('\r' + text)
-            sys.stderr.flush()
-            shown = now
-    sys.stderr.write('\r' + ' ' * len(text) + '\r')
-    sys.stderr.flush()
+    """`items` as they come, with tqdm's bar (count, rate, time left) on stderr when `label` is
+    given and stderr is a terminal; logs and CI output stay clean. The bar goes once done."""
+    return tqdm.tqdm(items, total=total, desc=label, unit=f' {unit}', leave=False,
+                     disable=not label or not sys.stderr.isatty(), file=sys.stderr,
+                     mininterval=0.5)
 
 
 class OutputError(Exception):

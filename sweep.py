@@ -272,12 +272,13 @@ class Children:
 
     def run(self, folder, cmd):
         """Run one, its output appended to its log; its exit status (None: not started)."""
-        with open(log_path(folder), 'a') as log, self.lock:
+        with self.lock:
             if self.stopping:
                 return None
             print(f"start {os.path.basename(folder)}", flush=True)
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                       cwd=ROOT, start_new_session=True)
+            with open(log_path(folder), 'a') as log:
+                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                           env=self.env, cwd=ROOT, start_new_session=True)
             self.active[folder] = process
         code = process.wait()
         with self.lock:

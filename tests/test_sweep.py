@@ -363,3 +363,11 @@ def test_a_stopped_sweep_stops_its_run_and_a_rerun_finishes_it(cifar_root, tmp_p
     sweep.main(argv)
     assert 'run: killed' in capsys.readouterr().out
     assert len(sweep.read_rows(folder)) == 40
+
+
+def test_runs_not_started_when_a_sweep_stops_are_left_untouched(tmp_path):
+    children = sweep.Children(dict(os.environ))
+    children.stopping = True
+    folder = str(tmp_path / 's' / 'run')
+    assert children.run(folder, [sys.executable, '-c', 'pass']) is None
+    assert not os.path.exists(os.path.join(tmp_path, 's', 'logs', 'run.log'))

@@ -7,7 +7,7 @@ check the same things and write the same files.
 
 The released code defines only the center step's KD loss (utils.kd_loss, tested against the
 authors' golden vectors); the rest of each round is this project's reading of the paper, each
-uncertain choice a hyperparameter (README.md, "Federated: what is the authors' and what is ours").
+uncertain choice a hyperparameter (docs/federated.md, "What is the authors' and what is ours").
 """
 import copy
 import datetime

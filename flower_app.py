@@ -4,7 +4,7 @@ run writes what main_federated.py writes, with the same numbers.
 
     flwr run . --federation-config "num-supernodes=20" --run-config "rounds=100"
 
-(README.md, "Running on Flower"). pyproject.toml's [tool.flwr.app.config] holds exactly
+(docs/flower.md). pyproject.toml's [tool.flwr.app.config] holds exactly
 main_federated.py's hyperparameters and defaults (tests/test_flower.py keeps them equal); a
 run's configuration goes through the same `--name=value` parsing and checks as the script's.
 

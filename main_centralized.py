@@ -2,7 +2,7 @@
 
 Edit the hyperparameters below and run `python main_centralized.py`, or override any of them:
     python main_centralized.py --resn=32 --n_centroids=4 --EPOCHS=300
-Each run writes its logs and best checkpoints to {results_dir}/{run_name}/ (README.md, Outputs).
+Each run writes its logs and best checkpoints to {results_dir}/{run_name}/ (docs/usage.md, Outputs).
     python main_centralized.py --resume=Results/<run>            continue a killed run
     python main_centralized.py --evaluate=Results/<run>/best_quantized.pt   test a checkpoint
 """
@@ -337,6 +337,10 @@ def resume_hint(folder):
     return f"python {SCRIPT} --resume={folder}"
 
 
+RELEASED_SIGN = ("note: center_reg_fix=False keeps the released code's sign of the L1 center "
+                 "regulariser (ALGORITHM.md, quirk 1), which pushes the centers apart: on the "
+                 "scaled protocol the quantized model ends near chance (docs/measurements.md). "
+                 "--center_reg_fix=True uses the descent sign.")
 QUIRK_5 = ("note: until the freeze (epoch {freeze}) the quantized model Q_c(x) runs with the "
            "full-precision model's BatchNorm statistics, as the authors evaluate it, so its "
            "accuracy stays near chance and its training loss can be huge (ALGORITHM.md, quirk "
@@ -392,6 +396,8 @@ def train_in(cfg, checkpoint, folder, state, cifar, dev, fingerprint):
     print('config: ' + json.dumps(cfg))
     if not cfg['fp']:
         print(QUIRK_5.format(freeze=cfg['freeze_epoch']))
+        if cfg['l1'] and not cfg['center_reg_fix']:
+            print(RELEASED_SIGN)
     runtime.write_config(folder, cfg)
     runtime.train_loop(folder, rows, total_epochs(cfg),
                        lambda epoch: run_epoch(cfg, state, cifar, epoch),

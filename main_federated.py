@@ -5,9 +5,9 @@ FedAvg, FedAvg with local fine-tuning and local training on the same split.
 
 Edit the hyperparameters below and run `python main_federated.py`, or override any of them:
     python main_federated.py --n_clients=10 --partition=dirichlet --dirichlet_alpha=0.3
-Each run writes its logs, partition and checkpoints to {results_dir}/{run_name}/ (README.md,
-"Federated"). `--resume=Results/<run>` continues a killed run. The algorithm's units live in
-federated.py, which flower_app.py runs on Flower.
+Each run writes its logs, partition and checkpoints to {results_dir}/{run_name}/
+(docs/federated.md). `--resume=Results/<run>` continues a killed run. The algorithm's units
+live in federated.py, which flower_app.py runs on Flower.
 """
 if __name__ == '__main__':  # first, so that a Ctrl-C while torch loads ends quietly too
     import startup  # noqa: F401
@@ -26,7 +26,7 @@ import training
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters. Where the paper's federated settings could not be read, these are our choices
-# (README.md, "Federated"): the KD weights and form, lambda_coef, global_lr and ft_lr were chosen
+# (docs/federated.md): the KD weights and form, lambda_coef, global_lr and ft_lr were chosen
 # on validation accuracy; the schedule is Algorithm 1's 250 epochs scaled to 150 rounds.
 algorithm = 'quped'            # quped; qupel (L2 pull in place of KD); fedavg (the global model);
                                # fedavg_ft (it, fine-tuned on each client); fedavg_qft (it,

@@ -616,3 +616,10 @@ def test_whole_runs_with_l2_fixed_centers_and_weight_decay(cifar_root, tmp_path)
     last = torch.load(os.path.join(decayed, 'last.pt'), weights_only=True)
     assert last['optimizer']['param_groups'][0]['weight_decay'] == 5e-4
     assert without_timings(rows(decayed)) != without_timings(rows(plain))
+
+
+def test_a_run_with_the_released_regulariser_sign_says_what_it_does(cifar_root, tmp_path, capsys):
+    mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=1', name='released'))
+    assert 'center_reg_fix=False keeps the released' in capsys.readouterr().out
+    mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=1', '--center_reg_fix=True', name='fixed'))
+    assert 'center_reg_fix=False' not in capsys.readouterr().out

@@ -10,6 +10,7 @@ authors' golden vectors); the rest of each round is this project's reading of th
 uncertain choice a hyperparameter (docs/federated.md, "What is the authors' and what is ours").
 """
 import copy
+import dataclasses
 import datetime
 import hashlib
 import math
@@ -25,15 +26,6 @@ import runtime
 import training
 import utils
 
-ALGORITHMS = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'fedavg_qft', 'local', 'central')
-PERSONALISED = ('quped', 'qupel', 'local')  # every client trains a model of its own
-COMMUNICATING = ('quped', 'qupel', 'fedavg', 'fedavg_ft', 'fedavg_qft')  # a global model travels
-FEDAVG = ('fedavg', 'fedavg_ft', 'fedavg_qft')  # the clients train only the global model
-FINE_TUNED = ('fedavg_ft', 'fedavg_qft')  # each client evaluates a fine-tuned copy of it
-CLIENT_MODELS = PERSONALISED + ('fedavg_qft',)  # best.pt keeps a (quantized) model per client
-CENTRAL = 'central'  # no client trains: the global model on the union of their training images
-GLOBAL_MODEL = COMMUNICATING + (CENTRAL,)  # the run has a global model
-IN_PROCESS_ONLY = (CENTRAL,)  # nothing for a Flower client to do
 PARTITIONS = ('pathological', 'dirichlet')
 KD_FORMS = ('released', 'hinton')  # released: only the teacher's logits / T (quirk 8)
 AGGREGATIONS = ('samples', 'uniform')
@@ -58,7 +50,8 @@ def check_config(cfg):
     for name in ('n_clients', 'rounds', 'local_epochs', 'BATCH_SIZE', 'freeze_round'):
         if cfg[name] < 1:
             problems.append(f"{name}={cfg[name]}: must be at least 1")
-    if cfg['ft_epochs'] < (1 if cfg['algorithm'] in FINE_TUNED else 0):
+    fine_tunes = cfg['algorithm'] in ALGORITHMS and ALGORITHMS[cfg['algorithm']].fine_tunes
+    if cfg['ft_epochs'] < (1 if fine_tunes else 0):
         problems.append(f"ft_epochs={cfg['ft_epochs']}: {cfg['algorithm']} fine-tunes for at "
                         f"least 1 epoch")
     if not 1 <= cfg['classes_per_client'] <= data.NUM_CLASSES:
@@ -78,9 +71,10 @@ def check_config(cfg):
     if unknown or not cfg['client_archs']:
         problems.append(f"unknown or missing architecture {', '.join(unknown) or '()'}: choose "
                         f"from {', '.join(resnet.ARCHS)}")
-    if cfg['algorithm'] == 'qupel' and set(cfg['client_archs']) != {cfg['global_arch']}:
-        problems.append(f"qupel pulls each personalised model towards the global one, weight by "
-                        f"weight: client_archs={cfg['client_archs']} must all be global_arch="
+    if (cfg['algorithm'] in ALGORITHMS and ALGORITHMS[cfg['algorithm']].same_arch
+            and set(cfg['client_archs']) != {cfg['global_arch']}):
+        problems.append(f"{cfg['algorithm']} pulls each personalised model towards the global "
+                        f"one, weight by weight: client_archs={cfg['client_archs']} must all be global_arch="
                         f"{cfg['global_arch']!r}")
     coefs = cfg['lambda_coef']
     if len(coefs) not in (1, len(cfg['client_archs'])) or not all(
@@ -230,7 +224,7 @@ def new_client_state(cfg, client, dev):
     others. Client 0's model is main_centralized.py's for the same seed."""
     state = {'generator': runtime.device_generator(cfg['seed'] + client, dev),
              'global_optimizer': None}
-    if cfg['algorithm'] not in PERSONALISED:
+    if not algorithm_of(cfg).personalised:
         return state
     arch, bits = client_plan(cfg, client)
     model = build_model(cfg, arch, dev, cfg['seed'] + client)
@@ -244,7 +238,7 @@ def new_client_state(cfg, client, dev):
 def new_global_model(cfg, dev):
     """The global model, or None for `local`, which has none; it starts from global_pretrained
     when one is given."""
-    if cfg['algorithm'] not in GLOBAL_MODEL:
+    if not algorithm_of(cfg).global_model:
         return None
     model = build_model(cfg, cfg['global_arch'], dev, cfg['seed'] + GLOBAL_SEED_OFFSET)
     if cfg['global_pretrained']:
@@ -280,7 +274,7 @@ def global_pretrained_state(cfg):
 
 def describe_global_start(cfg):
     """The line a run prints about where its global model starts."""
-    if cfg['algorithm'] not in GLOBAL_MODEL:
+    if not algorithm_of(cfg).global_model:
         return (f"global_pretrained={cfg['global_pretrained']!r}: not used, {cfg['algorithm']} "
                 f"has no global model" if cfg['global_pretrained'] else None)
     if not cfg['global_pretrained']:
@@ -457,9 +451,6 @@ def qupel_client_step(cfg, state, global_copy, global_optimizer, x, y, sched, lr
     return loss.detach(), logits.detach(), global_loss.detach(), members
 
 
-CLIENT_STEPS = {'quped': quped_client_step, 'qupel': qupel_client_step}
-
-
 def global_optimizer_for(cfg, state, global_copy):
     """The global copy's local SGD: new every round (global_optimizer_reset, FedAvg's clients
     keep no state) or continuing the client's own from its previous round."""
@@ -475,10 +466,9 @@ def keep_global_optimizer(cfg, state, optimizer):
         state['global_optimizer'] = copy.deepcopy(optimizer.state_dict())
 
 
-def personalised_client_update(cfg, state, global_copy, dataset, sched):
-    """`local_epochs` of QuPeD's (or QuPeL's) client iteration over the client's data; returns
-    the client's training metrics."""
-    step = CLIENT_STEPS[cfg['algorithm']]
+def personalised_client_update(cfg, state, global_copy, dataset, sched, step):
+    """`local_epochs` of a client iteration `step` (QuPeD's, QuPeL's) over the client's data;
+    returns the client's training metrics."""
     global_optimizer = global_optimizer_for(cfg, state, global_copy)
     lr1 = state['optimizer'].param_groups[0]['lr']
     state['model'].train()
@@ -518,7 +508,7 @@ def sgd_epochs(model, optimizer, dataset, batch_size, generator, epochs):
     return loss_sum / seen, correct / seen
 
 
-def fedavg_client_update(cfg, state, global_copy, dataset):
+def fedavg_client_update(cfg, state, global_copy, dataset, sched=None):
     """FedAvg's local step: `local_epochs` of plain cross-entropy SGD on the global copy."""
     optimizer = global_optimizer_for(cfg, state, global_copy)
     loss, accuracy = sgd_epochs(global_copy, optimizer, dataset, cfg['BATCH_SIZE'],
@@ -527,7 +517,7 @@ def fedavg_client_update(cfg, state, global_copy, dataset):
     return {'global_train_loss': loss, 'train_acc': accuracy}
 
 
-def local_client_update(cfg, state, dataset, sched):
+def local_client_update(cfg, state, global_copy, dataset, sched):
     """Algorithm 1 alone on the client's data, `local_epochs` epochs (training.train_epoch, as
     main_centralized.py runs it)."""
     epochs = [training.train_epoch(state, dataset, cfg['BATCH_SIZE'], sched,
@@ -545,17 +535,73 @@ def client_round(cfg, client, state, global_state, global_copy, dataset, rnd):
     sched = round_schedule(cfg, rnd, client_plan(cfg, client)[0])
     if global_copy is not None:
         global_copy.load_state_dict(global_state)
-    if cfg['algorithm'] in FEDAVG:
-        metrics = fedavg_client_update(cfg, state, global_copy, dataset)
-    else:
+    algorithm = algorithm_of(cfg)
+    if algorithm.personalised:
         training.start_epoch(state, sched)
-        if cfg['algorithm'] == 'local':
-            metrics = local_client_update(cfg, state, dataset, sched)
-        else:
-            metrics = personalised_client_update(cfg, state, global_copy, dataset, sched)
+    metrics = algorithm.client_update(cfg, state, global_copy, dataset, sched)
     new_state = None if global_copy is None else model_state(global_copy)
     weight = dataset['train_y'].shape[0] if cfg['aggregation'] == 'samples' else 1
     return new_state, weight, metrics
+
+
+# --- the algorithms ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A federated algorithm, as every engine, row, check and plot looks it up (ALGORITHMS):
+    adding one is adding an entry.
+
+    client_update(cfg, state, global_copy, dataset, sched) -> metrics: a sampled client's
+    training in a round (global_copy: its copy of the global model, None without one); None when
+    no client trains (server_update trains the global model instead). evaluated(cfg, client,
+    global_model, dataset, rnd) -> the model a client is evaluated with, a module or an
+    Algorithm 1 training state (quantized); None: the client's own state if personalised, else
+    the global model."""
+    label: str                     # what the clients' accuracy is the accuracy of
+    client_update: object = None
+    personalised: bool = False     # each client keeps a model of its own (Algorithm 1's state)
+    global_model: bool = True      # the run has a global model
+    communicates: bool = True      # it travels to and from the sampled clients
+    evaluated: object = None
+    client_models: bool = False    # evaluated is a quantized state that best.pt keeps
+    fine_tunes: bool = False       # needs ft_epochs >= 1
+    same_arch: bool = False        # every client_archs entry must be global_arch
+    server_update: object = None   # (cfg, server_state, global_model, union) -> metrics
+
+
+def quped_client_update(cfg, state, global_copy, dataset, sched):
+    return personalised_client_update(cfg, state, global_copy, dataset, sched, quped_client_step)
+
+
+def qupel_client_update(cfg, state, global_copy, dataset, sched):
+    return personalised_client_update(cfg, state, global_copy, dataset, sched, qupel_client_step)
+
+
+ALGORITHMS = {
+    'quped': Algorithm('personalised quantized', quped_client_update, personalised=True),
+    'qupel': Algorithm('personalised quantized', qupel_client_update, personalised=True,
+                       same_arch=True),
+    'fedavg': Algorithm('global model', fedavg_client_update),
+    'fedavg_ft': Algorithm('fine-tuned global model', fedavg_client_update,
+                           evaluated=lambda *args: fine_tuned(*args), fine_tunes=True),
+    'fedavg_qft': Algorithm('quantized fine-tuned global model', fedavg_client_update,
+                            evaluated=lambda *args: quantized_fine_tuned(*args),
+                            client_models=True, fine_tunes=True),
+    'local': Algorithm('local quantized', local_client_update, personalised=True,
+                       global_model=False, communicates=False),
+    'central': Algorithm('centrally trained global model', None, communicates=False,
+                         server_update=lambda *args: central_round(*args)),
+}
+
+
+def algorithm_of(cfg):
+    return ALGORITHMS[cfg['algorithm']]
+
+
+def keeps_client_models(cfg):
+    """Whether best.pt keeps a quantized model per client (best_client_entry)."""
+    algorithm = algorithm_of(cfg)
+    return algorithm.personalised or algorithm.client_models
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -581,7 +627,7 @@ def sample_clients(cfg, sampler):
     with client_fraction 1, else max(1, round(fraction * n)) drawn without replacement from the
     seeded `sampler`, in increasing order."""
     m = max(1, round(cfg['client_fraction'] * cfg['n_clients']))
-    if cfg['algorithm'] == 'local' or m == cfg['n_clients']:
+    if not algorithm_of(cfg).communicates or m == cfg['n_clients']:
         return list(range(cfg['n_clients']))
     return sorted(torch.randperm(cfg['n_clients'], generator=sampler)[:m].tolist())
 
@@ -653,11 +699,12 @@ def quantized_fine_tuned(cfg, client, global_model, dataset, rnd):
 
 def model_plan(cfg, client):
     """(architecture, bits; 0 = full precision) of the model a client is evaluated with: its
-    personalised model's, or for FedAvg-QFT the global architecture at the client's bits."""
-    if cfg['algorithm'] in PERSONALISED:
+    personalised model's, or the global architecture (at the client's bits where the algorithm
+    quantizes a copy of the global model, as FedAvg-QFT)."""
+    algorithm = algorithm_of(cfg)
+    if algorithm.personalised:
         return client_plan(cfg, client)
-    bits = client_plan(cfg, client)[1] if cfg['algorithm'] == 'fedavg_qft' else 0
-    return cfg['global_arch'], bits
+    return cfg['global_arch'], client_plan(cfg, client)[1] if algorithm.client_models else 0
 
 
 def accuracies(model, dataset):
@@ -673,7 +720,7 @@ def evaluate_client(cfg, client, state, global_model, dataset, rnd, trained=None
     images, with how it predicts the validation images as a teacher (teacher_scores). The unit
     an engine runs on a client after aggregation."""
     arch, bits = model_plan(cfg, client)
-    personal = cfg['algorithm'] in PERSONALISED
+    algorithm = algorithm_of(cfg)
     entry = {'client': client, 'arch': arch, 'bits': bits or 32,
              'lambda': round_schedule(cfg, rnd, client_plan(cfg, client)[0])['lam'],
              'n_train': dataset['train_y'].shape[0], 'n_val': dataset['val_y'].shape[0],
@@ -688,10 +735,13 @@ def evaluate_client(cfg, client, state, global_model, dataset, rnd, trained=None
                                                              global_accs['test_acc'])
         entry.update(teacher_scores(global_model, dataset['val_x'], dataset['val_y'],
                                     own_classes(dataset)))
-    if cfg['algorithm'] == 'fedavg_qft':
-        state['fine_tuned'] = quantized_fine_tuned(cfg, client, global_model, dataset, rnd)
-    if personal or cfg['algorithm'] == 'fedavg_qft':
-        model_state = state if personal else state['fine_tuned']
+    evaluated = (state if algorithm.evaluated is None and algorithm.personalised else
+                 global_model if algorithm.evaluated is None else
+                 algorithm.evaluated(cfg, client, global_model, dataset, rnd))
+    if isinstance(evaluated, dict):  # a training state: its quantized and full-precision model
+        model_state = evaluated
+        if not algorithm.personalised:
+            state['fine_tuned'] = evaluated  # for best.pt
         evaluation = training.evaluate_state(model_state, dataset)
         entry.update(q_val_acc=evaluation['q_val_acc'], q_test_acc=evaluation['q_test_acc'],
                      fp_val_acc=evaluation['val_acc'], fp_test_acc=evaluation['test_acc'],
@@ -699,9 +749,7 @@ def evaluate_client(cfg, client, state, global_model, dataset, rnd, trained=None
                      centers=None if model_state['centers'] is None
                      else model_state['centers'].tolist())
     else:
-        model = (fine_tuned(cfg, client, global_model, dataset, rnd)
-                 if cfg['algorithm'] == 'fedavg_ft' else global_model)
-        accs = accuracies(model, dataset)
+        accs = accuracies(evaluated, dataset)
         entry.update(q_val_acc=accs['val_acc'], q_test_acc=accs['test_acc'],
                      fp_val_acc=accs['val_acc'], fp_test_acc=accs['test_acc'])
     finite = (entry.get('train_loss', 0.0), entry.get('global_train_loss', 0.0),
@@ -736,13 +784,12 @@ def round_row(cfg, rnd, entries, timings):
     for key in ('global_val_entropy', 'global_val_maxprob', 'global_val_entropy_own'):
         row[key] = summary([c[key] for c in entries], [c['n_val'] for c in entries])['weighted']
     sched = round_schedule(cfg, rnd, cfg['client_archs'][0])
-    personal = cfg['algorithm'] in PERSONALISED
+    personal = algorithm_of(cfg).personalised
     return {**row, 'lambda': sched['lam'] if personal else None,
             'lambda2': sched['lam2'] if personal else None,
             'lr1': training.ADAM_LR if personal else None,
             'lr2': sched['lr2'] if personal else None,
-            'global_lr': cfg['global_lr'] if cfg['algorithm'] in GLOBAL_MODEL
-            else None,
+            'global_lr': cfg['global_lr'] if algorithm_of(cfg).global_model else None,
             'frozen': sched['frozen'] if personal else False,
             'sampled': [c['client'] for c in entries if c['sampled']],
             'bytes_down': sum(c['bytes_down'] for c in entries),
@@ -750,16 +797,10 @@ def round_row(cfg, rnd, entries, timings):
             'wall_seconds': timings['train_seconds'] + timings['eval_seconds']}
 
 
-MODEL_LABELS = {'quped': 'personalised quantized', 'qupel': 'personalised quantized',
-                'local': 'local quantized', 'fedavg': 'global model',
-                'fedavg_ft': 'fine-tuned global model',
-                'fedavg_qft': 'quantized fine-tuned global model',
-                'central': 'centrally trained global model'}
-
 
 def round_line(cfg):
     """The stdout line of a round, as a function of (row, rounds, time left)."""
-    label = MODEL_LABELS[cfg['algorithm']]
+    label = algorithm_of(cfg).label
 
     def line(row, rounds, left):
         schedule = (f" | lambda {row['lambda']:.1e} lr2 {row['lr2']:.1e}"
@@ -789,7 +830,7 @@ def best_client_entry(cfg, client, state):
     """What best.pt keeps of a client: its quantized model, centers and plan (for FedAvg-QFT,
     the fine-tuned copy of this round's evaluation)."""
     arch, bits = model_plan(cfg, client)
-    state = state if cfg['algorithm'] in PERSONALISED else state['fine_tuned']
+    state = state if algorithm_of(cfg).personalised else state['fine_tuned']
     return {'client': client, 'arch': arch, 'bits': bits,
             'state_dict': quantized_model_state(state),
             'centers': None if state['centers'] is None else state['centers'].cpu(),

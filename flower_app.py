@@ -230,7 +230,7 @@ def evaluate(msg, context):
                                       trained, settings['sent'])
     keep_state(context, folder, state, rnd + 1, to_file=True)
     reply = {'entry': json.dumps(entry)}
-    if cfg['algorithm'] in federated.CLIENT_MODELS:
+    if federated.keeps_client_models(cfg):
         reply['best'] = runtime.torch_bytes(federated.best_client_entry(cfg, client_id, state))
     return Message(RecordDict({'reply': ConfigRecord(reply)}), reply_to=msg)
 
@@ -365,7 +365,7 @@ def serve(grid, context):
     checkpoint = None
     for key in ('data_root', 'results_dir', 'resume', 'pretrained_path', 'global_pretrained'):
         cfg[key] = resolve(cfg[key])
-    if cfg['algorithm'] in federated.IN_PROCESS_ONLY:
+    if federated.ALGORITHMS[cfg['algorithm']].client_update is None:
         raise runtime.ConfigError(f"algorithm={cfg['algorithm']!r} trains no client, so it has "
                                   f"nothing to run on Flower: run it with python "
                                   f"main_federated.py --algorithm={cfg['algorithm']}")

@@ -100,7 +100,7 @@ def start(cfg, dev):
     global_model = federated.new_global_model(cfg, dev)
     if federated.describe_global_start(cfg):
         print(federated.describe_global_start(cfg))
-    central = cfg['algorithm'] == federated.CENTRAL
+    central = federated.algorithm_of(cfg).server_update is not None
     return parts, {'clients': clients, 'global_model': global_model,
                    'central': federated.new_central_state(cfg, dev) if central else None,
                    'union': federated.union_dataset(cifar, parts) if central else None,
@@ -113,15 +113,15 @@ def start(cfg, dev):
 
 def run_round(cfg, run, rnd):
     """Sample, train the sampled clients, aggregate, evaluate every client; the round's row.
-    `central` trains the global model itself and no client."""
+    An algorithm that trains no client (`central`) trains the global model itself."""
     clients, global_model, datasets = run['clients'], run['global_model'], run['datasets']
     central = run['central'] is not None
     sampled = [] if central else federated.sample_clients(cfg, run['sampler'])
     global_state = None if global_model is None else federated.model_state(global_model)
     begin = time.perf_counter()
     replies, trained = [], {}
-    central_metrics = (federated.central_round(cfg, run['central'], global_model, run['union'])
-                       if central else {})
+    central_metrics = (federated.algorithm_of(cfg).server_update(
+        cfg, run['central'], global_model, run['union']) if central else {})
     for client in runtime.progress(sampled, len(sampled), f"round {rnd + 1}", 'clients trained'):
         new_state, weight, trained[client] = federated.client_round(
             cfg, client, clients[client], global_state, run['global_copy'], datasets[client], rnd)
@@ -146,7 +146,7 @@ def save(cfg, run, folder, rows):
         run['best'] = row[federated.SELECTION]
         entries = ([federated.best_client_entry(cfg, client, state)
                     for client, state in enumerate(run['clients'])]
-                   if cfg['algorithm'] in federated.CLIENT_MODELS else [])
+                   if federated.keeps_client_models(cfg) else [])
         files.update(federated.best_file(cfg, folder, row, entries, run['global_model']))
     files.update(federated.last_file(
         cfg, folder, rows, [federated.saved_client_state(state) for state in run['clients']],

@@ -131,7 +131,8 @@ def label(ax, rows, ylabel):
 
 def model_label(cfg):
     """What the accuracy of a run is the accuracy of."""
-    return federated.MODEL_LABELS.get(cfg.get('algorithm'), 'quantized')
+    algorithm = federated.ALGORITHMS.get(cfg.get('algorithm'))
+    return 'quantized' if algorithm is None else algorithm.label
 
 
 def run_title(folder, cfg):
@@ -148,7 +149,7 @@ def plot_accuracy(ax, rows, cfg):
     x = steps(rows)
     if is_federated(rows):
         q = [[c['q_test_acc'] for c in row['clients']] for row in rows]
-        personal = cfg['algorithm'] in ('quped', 'qupel', 'local')
+        personal = federated.ALGORITHMS[cfg['algorithm']].personalised
         name = model_label(cfg)
         colour = COLOURS['quantized'] if personal else COLOURS['global']
         ax.fill_between(x, [min(v) for v in q], [max(v) for v in q], alpha=0.2, color=colour,

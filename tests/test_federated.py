@@ -756,3 +756,29 @@ def test_the_global_model_warm_starts_from_a_central_runs_best(cifar_root, tmp_p
     other = fed_args(cifar_root, tmp_path, '--algorithm=fedavg', '--global_arch=cifarnet',
                      f'--global_pretrained={teacher}/best.pt', name='y')
     fails_with(capsys, other, 'a resnet8 global model', 'global_arch is cifarnet')
+
+
+def test_an_algorithm_added_as_one_record_runs_end_to_end(cifar_root, tmp_path, monkeypatch):
+    """A toy baseline, one entry of federated.ALGORITHMS and nothing else: FedAvg whose clients
+    take no step (the global model stays at its initialisation). The run, its checks, rows,
+    line, best.pt and plot all take it from the record."""
+    import plot
+
+    def no_step(cfg, state, global_copy, dataset, sched):
+        return {'global_train_loss': 0.0, 'train_acc': 0.0}
+    monkeypatch.setitem(federated.ALGORITHMS, 'frozen_global',
+                        federated.Algorithm('untrained global model', no_step))
+    folder = mf.main(fed_args(cifar_root, tmp_path, '--algorithm=frozen_global'))
+    metrics = rows(folder)
+    assert len(metrics) == 2 and metrics[0]['sampled'] == [0, 1, 2, 3]
+    assert [c['q_test_acc'] for c in metrics[0]['clients']] == [
+        c['q_test_acc'] for c in metrics[1]['clients']]  # nothing learnt
+    cfg, _ = federated.make_config(mf.DEFAULTS, fed_args(cifar_root, tmp_path,
+                                                         '--algorithm=frozen_global'))
+    initial = federated.new_global_model(cfg, 'cpu').state_dict()
+    saved = torch.load(os.path.join(folder, 'last.pt'), weights_only=True)['global']
+    # the average of equal copies, up to the rounding of the weighted sum
+    assert all(torch.allclose(saved[k].double(), v.double(), rtol=1e-6, atol=1e-7)
+               for k, v in initial.items())
+    assert plot.model_label({'algorithm': 'frozen_global'}) == 'untrained global model'
+    assert plot.plot_run(folder)

@@ -865,9 +865,9 @@ def last_file(cfg, folder, rows, clients, global_model, sampler, best, fingerpri
         'central': central})}
 
 
-def write_checkpoints(cfg, folder, rows, files):
-    """best.pt (when the round improved) and last.pt, all written or none, before the logs;
-    the one place every engine writes them."""
+def write_checkpoints(files):
+    """A round's best.pt (when it improved) and last.pt, {path: bytes}, all written or none,
+    before the logs: the one place every engine writes them (and where tests stand a kill)."""
     runtime.write_together(files)
 
 

@@ -356,7 +356,7 @@ def save(cfg, run, rows):
                                          run['global_model']))
     files.update(federated.last_file(cfg, run['folder'], rows, None, run['global_model'],
                                      run['sampler'], run['best'], None))
-    federated.write_checkpoints(cfg, run['folder'], rows, files)
+    federated.write_checkpoints(files)
 
 
 def serve(grid, context):

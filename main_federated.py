@@ -152,7 +152,7 @@ def save(cfg, run, folder, rows):
         cfg, folder, rows, [federated.saved_client_state(state) for state in run['clients']],
         run['global_model'], run['sampler'], run['best'], run['fingerprint'],
         None if run['central'] is None else federated.saved_central_state(run['central'])))
-    federated.write_checkpoints(cfg, folder, rows, files)
+    federated.write_checkpoints(files)
 
 
 def restore(cfg, run, checkpoint, folder):

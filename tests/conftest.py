@@ -62,14 +62,16 @@ class Killed(BaseException):
 
 
 def kill_after_round(patch, rounds):
-    """Make federated.write_checkpoints raise Killed once it has written `rounds` rounds, as a
-    kill right after last.pt would stop a run."""
+    """Make federated.write_checkpoints raise Killed once it has written the checkpoints of
+    `rounds` rounds (one call a round) of a new run, as a kill right after last.pt would stop
+    it."""
     import federated
-    real = federated.write_checkpoints
+    real, written = federated.write_checkpoints, []
 
-    def killed(cfg, folder, rows, *rest):
-        real(cfg, folder, rows, *rest)
-        if len(rows) == rounds:
+    def killed(files):
+        real(files)
+        written.append(1)
+        if len(written) == rounds:
             raise Killed
     patch.setattr(federated, 'write_checkpoints', killed)
 

@@ -261,6 +261,13 @@ def log_path(folder):
     return os.path.join(logs, f'{os.path.basename(folder)}.log')
 
 
+def say(line):
+    """One line on stdout in a single write, so that the lines of runs starting and ending in
+    other threads never run together."""
+    sys.stdout.write(line + '\n')
+    sys.stdout.flush()
+
+
 class Children:
     """The runs' processes while they run, each in a session of its own so that only the sweep
     signals them: Ctrl-C or SIGTERM to the sweep stops every one (each keeps its last completed
@@ -275,7 +282,7 @@ class Children:
         with self.lock:
             if self.stopping:
                 return None
-            print(f"start {os.path.basename(folder)}", flush=True)
+            say(f"start {os.path.basename(folder)}")
             with open(log_path(folder), 'a') as log:
                 process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                            env=self.env, cwd=ROOT, start_new_session=True)
@@ -320,7 +327,7 @@ def run_all(script, runs, axes, sweep_dir, jobs, threads):
             folder, code = futures[future], future.result()
             state = 'finished' if code == 0 else (
                 f'failed (exit status {code}, see {log_path(folder)})')
-            print(f"{os.path.basename(folder)}: {state}", flush=True)
+            say(f"{os.path.basename(folder)}: {state}")
             if code != 0:
                 failed.append(folder)
     except KeyboardInterrupt as e:

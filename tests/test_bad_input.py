@@ -380,8 +380,10 @@ def test_progress_shows_on_a_terminal_only(cifar_root, tmp_path, capsys, monkeyp
     terminal = Terminal()
     monkeypatch.setattr(sys, 'stderr', terminal)
     mc.main(central_args(cifar_root, tmp_path, '--EPOCHS=1', name='tty'))
-    final = [bar for bar in terminal.text.split('\r') if bar.strip()][-1]  # then cleared
-    assert final.startswith('epoch 1: 100%') and '4/4' in final and 'batches/s' in final
+    bars = [bar for bar in terminal.text.split('\r') if bar.strip()]  # tqdm's; then cleared
+    assert bars and all(bar.startswith('epoch 1: ') and '/4 [' in bar and 'batches/s' in bar
+                        for bar in bars)
+    assert terminal.text.endswith('\r')  # the line is cleared for the epoch's own line
 
 
 def test_console_lines_are_short_and_labelled(cifar_root, tmp_path, capsys):

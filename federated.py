@@ -74,8 +74,8 @@ def check_config(cfg):
     if (cfg['algorithm'] in ALGORITHMS and ALGORITHMS[cfg['algorithm']].same_arch
             and set(cfg['client_archs']) != {cfg['global_arch']}):
         problems.append(f"{cfg['algorithm']} pulls each personalised model towards the global "
-                        f"one, weight by weight: client_archs={cfg['client_archs']} must all be global_arch="
-                        f"{cfg['global_arch']!r}")
+                        f"one, weight by weight: client_archs={cfg['client_archs']} must all be "
+                        f"global_arch={cfg['global_arch']!r}")
     coefs = cfg['lambda_coef']
     if len(coefs) not in (1, len(cfg['client_archs'])) or not all(
             c >= 0 and math.isfinite(c) for c in coefs):
@@ -242,34 +242,31 @@ def new_global_model(cfg, dev):
         return None
     model = build_model(cfg, cfg['global_arch'], dev, cfg['seed'] + GLOBAL_SEED_OFFSET)
     if cfg['global_pretrained']:
-        model.load_state_dict(global_pretrained_state(cfg))
+        load_global_pretrained(cfg, model)
     return model
 
 
-def global_pretrained_state(cfg):
-    """The global model's starting state from global_pretrained: the global model of a
-    main_federated.py best.pt or last.pt (a `central` run's, say), or a state_dict of
-    global_arch in any layout resnet.read_state_dict reads."""
+def load_global_pretrained(cfg, model):
+    """Load global_pretrained into the global model: the global model of a main_federated.py
+    best.pt ({'arch', 'state_dict'}) or last.pt (its state_dict; the arch in its config), a
+    `central` run's say, or a state_dict of global_arch in any layout resnet reads."""
     path, arch = cfg['global_pretrained'], cfg['global_arch']
     checkpoint = resnet.read_checkpoint(path)
-    if isinstance(checkpoint, dict) and 'global' in checkpoint and 'round' in checkpoint:
-        saved = checkpoint['global']
-        saved_arch = saved.get('arch', checkpoint['config']['global_arch']) if isinstance(
-            saved, dict) and 'state_dict' in saved else checkpoint['config']['global_arch']
-        state = saved['state_dict'] if isinstance(saved, dict) and 'state_dict' in saved \
-            else saved
-        if state is None or saved_arch != arch:
-            raise resnet.CheckpointError(
-                f"global_pretrained={path!r} holds "
-                f"{'no global model' if state is None else 'a ' + saved_arch + ' global model'}"
-                f", and this run's global_arch is {arch}: give a file with a {arch} global "
-                f"model, or the matching --global_arch.")
-        model = resnet.build(arch)
-        model.load_state_dict(state)
-        return model.state_dict()
-    model = resnet.build(arch)
-    resnet.load_checkpoint(model, path, arch)
-    return model.state_dict()
+    if not (isinstance(checkpoint, dict) and 'global' in checkpoint and 'round' in checkpoint):
+        resnet.load_checkpoint(model, path, arch)
+        return
+    saved = checkpoint['global']
+    if isinstance(saved, dict) and 'state_dict' in saved:
+        saved_arch, state = saved['arch'], saved['state_dict']
+    else:
+        saved_arch, state = checkpoint['config']['global_arch'], saved
+    if state is None or saved_arch != arch:
+        raise resnet.CheckpointError(
+            f"global_pretrained={path!r} holds "
+            f"{'no global model' if state is None else 'a ' + saved_arch + ' global model'}, "
+            f"and this run's global_arch is {arch}: give a file with a {arch} global model, or "
+            f"the matching --global_arch.")
+    model.load_state_dict(state)
 
 
 def describe_global_start(cfg):
@@ -544,66 +541,6 @@ def client_round(cfg, client, state, global_state, global_copy, dataset, rnd):
     return new_state, weight, metrics
 
 
-# --- the algorithms ----------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Algorithm:
-    """A federated algorithm, as every engine, row, check and plot looks it up (ALGORITHMS):
-    adding one is adding an entry.
-
-    client_update(cfg, state, global_copy, dataset, sched) -> metrics: a sampled client's
-    training in a round (global_copy: its copy of the global model, None without one); None when
-    no client trains (server_update trains the global model instead). evaluated(cfg, client,
-    global_model, dataset, rnd) -> the model a client is evaluated with, a module or an
-    Algorithm 1 training state (quantized); None: the client's own state if personalised, else
-    the global model."""
-    label: str                     # what the clients' accuracy is the accuracy of
-    client_update: object = None
-    personalised: bool = False     # each client keeps a model of its own (Algorithm 1's state)
-    global_model: bool = True      # the run has a global model
-    communicates: bool = True      # it travels to and from the sampled clients
-    evaluated: object = None
-    client_models: bool = False    # evaluated is a quantized state that best.pt keeps
-    fine_tunes: bool = False       # needs ft_epochs >= 1
-    same_arch: bool = False        # every client_archs entry must be global_arch
-    server_update: object = None   # (cfg, server_state, global_model, union) -> metrics
-
-
-def quped_client_update(cfg, state, global_copy, dataset, sched):
-    return personalised_client_update(cfg, state, global_copy, dataset, sched, quped_client_step)
-
-
-def qupel_client_update(cfg, state, global_copy, dataset, sched):
-    return personalised_client_update(cfg, state, global_copy, dataset, sched, qupel_client_step)
-
-
-ALGORITHMS = {
-    'quped': Algorithm('personalised quantized', quped_client_update, personalised=True),
-    'qupel': Algorithm('personalised quantized', qupel_client_update, personalised=True,
-                       same_arch=True),
-    'fedavg': Algorithm('global model', fedavg_client_update),
-    'fedavg_ft': Algorithm('fine-tuned global model', fedavg_client_update,
-                           evaluated=lambda *args: fine_tuned(*args), fine_tunes=True),
-    'fedavg_qft': Algorithm('quantized fine-tuned global model', fedavg_client_update,
-                            evaluated=lambda *args: quantized_fine_tuned(*args),
-                            client_models=True, fine_tunes=True),
-    'local': Algorithm('local quantized', local_client_update, personalised=True,
-                       global_model=False, communicates=False),
-    'central': Algorithm('centrally trained global model', None, communicates=False,
-                         server_update=lambda *args: central_round(*args)),
-}
-
-
-def algorithm_of(cfg):
-    return ALGORITHMS[cfg['algorithm']]
-
-
-def keeps_client_models(cfg):
-    """Whether best.pt keeps a quantized model per client (best_client_entry)."""
-    algorithm = algorithm_of(cfg)
-    return algorithm.personalised or algorithm.client_models
-
-
 # --- the server ------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -690,7 +627,7 @@ def quantized_fine_tuned(cfg, client, global_model, dataset, rnd):
                                adam_centers=True,
                                names=QUANTIZATION_RULES.get(arch, utils.resnet_rule)(model),
                                l1=cfg['l1'])
-    sched = round_schedule(cfg, rnd, cfg['client_archs'][0])
+    sched = round_schedule(cfg, rnd, client_plan(cfg, client)[0])  # the lambda its entry logs
     training.start_epoch(state, sched)
     for _ in range(cfg['ft_epochs']):
         training.train_epoch(state, dataset, cfg['BATCH_SIZE'], sched, cfg['center_reg_fix'])
@@ -705,6 +642,66 @@ def model_plan(cfg, client):
     if algorithm.personalised:
         return client_plan(cfg, client)
     return cfg['global_arch'], client_plan(cfg, client)[1] if algorithm.client_models else 0
+
+
+# --- the algorithms ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A federated algorithm, as every engine, row, check and plot looks it up (ALGORITHMS):
+    adding one is adding an entry.
+
+    client_update(cfg, state, global_copy, dataset, sched) -> metrics: a sampled client's
+    training in a round (global_copy: its copy of the global model, None without one); None when
+    no client trains (server_update trains the global model instead). evaluated(cfg, client,
+    global_model, dataset, rnd) -> the model a client is evaluated with, a module or an
+    Algorithm 1 training state (quantized); None: the client's own state if personalised, else
+    the global model."""
+    label: str                     # what the clients' accuracy is the accuracy of
+    client_update: object = None
+    personalised: bool = False     # each client keeps a model of its own (Algorithm 1's state)
+    global_model: bool = True      # the run has a global model
+    communicates: bool = True      # it travels to and from the sampled clients
+    evaluated: object = None
+    client_models: bool = False    # evaluated is a quantized state that best.pt keeps
+    fine_tunes: bool = False       # needs ft_epochs >= 1
+    same_arch: bool = False        # every client_archs entry must be global_arch
+    server_update: object = None   # (cfg, server_state, global_model, union) -> metrics
+
+
+def quped_client_update(cfg, state, global_copy, dataset, sched):
+    return personalised_client_update(cfg, state, global_copy, dataset, sched, quped_client_step)
+
+
+def qupel_client_update(cfg, state, global_copy, dataset, sched):
+    return personalised_client_update(cfg, state, global_copy, dataset, sched, qupel_client_step)
+
+
+ALGORITHMS = {
+    'quped': Algorithm('personalised quantized', quped_client_update, personalised=True),
+    'qupel': Algorithm('personalised quantized', qupel_client_update, personalised=True,
+                       same_arch=True),
+    'fedavg': Algorithm('global model', fedavg_client_update),
+    'fedavg_ft': Algorithm('fine-tuned global model', fedavg_client_update,
+                           evaluated=fine_tuned, fine_tunes=True),
+    'fedavg_qft': Algorithm('quantized fine-tuned global model', fedavg_client_update,
+                            evaluated=quantized_fine_tuned,
+                            client_models=True, fine_tunes=True),
+    'local': Algorithm('local quantized', local_client_update, personalised=True,
+                       global_model=False, communicates=False),
+    'central': Algorithm('centrally trained global model', None, communicates=False,
+                         server_update=central_round),
+}
+
+
+def algorithm_of(cfg):
+    return ALGORITHMS[cfg['algorithm']]
+
+
+def keeps_client_models(cfg):
+    """Whether best.pt keeps a quantized model per client (best_client_entry)."""
+    algorithm = algorithm_of(cfg)
+    return algorithm.personalised or algorithm.client_models
 
 
 def accuracies(model, dataset):

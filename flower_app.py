@@ -160,7 +160,8 @@ def keep_state(context, folder, state, completed, to_file):
     """The client's state after `completed` rounds, in Context.state and, with `to_file`, in
     its file (the previous round's file kept beside it)."""
     saved = federated.saved_client_state(state)
-    context.state['client'] = ConfigRecord({'completed': completed, 'state': runtime.torch_bytes(saved)})
+    context.state['client'] = ConfigRecord({'completed': completed,
+                                            'state': runtime.torch_bytes(saved)})
     STATES[(folder, partition_id(context))] = (completed, state)
     if to_file:
         latest, previous = state_paths(folder, context)
@@ -444,8 +445,8 @@ def simulate(run_config, num_supernodes, backend_config=None):
     if unknown:
         raise runtime.ConfigError(
             f"unknown run-config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the "
-            f"app's keys are main_federated.py's hyperparameters ({', '.join(pyproject_defaults())})"
-            f".")
+            f"app's keys are main_federated.py's hyperparameters "
+            f"({', '.join(pyproject_defaults())}).")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(APP_DIR, dict(run_config)))
     result = _run_simulation(num_supernodes=num_supernodes, client_app=client, server_app=server,

@@ -30,9 +30,9 @@ import training
 # on validation accuracy; the schedule is Algorithm 1's 250 epochs scaled to 150 rounds.
 algorithm = 'quped'            # quped; qupel (L2 pull in place of KD); fedavg (the global model);
                                # fedavg_ft (it, fine-tuned on each client); fedavg_qft (it,
-                               # fine-tuned by Algorithm 1 at each client's bits); local (no server);
-                               # central (the global model on the union of the clients' training
-                               # images, no client training: a teacher for global_pretrained)
+                               # fine-tuned by Algorithm 1 at each client's bits); local (no
+                               # server); central (the global model on the union of the clients'
+                               # training images; no client trains: a teacher to start from)
 n_clients = 20                 # clients in the federation
 client_fraction = 1.0          # share of the clients sampled each round (local: all train)
 rounds = 150                   # communication rounds
@@ -98,8 +98,9 @@ def start(cfg, dev):
     print(federated.describe_warm_start(cfg))
     clients = [federated.new_client_state(cfg, client, dev) for client in range(cfg['n_clients'])]
     global_model = federated.new_global_model(cfg, dev)
-    if federated.describe_global_start(cfg):
-        print(federated.describe_global_start(cfg))
+    global_start = federated.describe_global_start(cfg)
+    if global_start:
+        print(global_start)
     central = federated.algorithm_of(cfg).server_update is not None
     return parts, {'clients': clients, 'global_model': global_model,
                    'central': federated.new_central_state(cfg, dev) if central else None,
@@ -131,7 +132,8 @@ def run_round(cfg, run, rnd):
         global_model.load_state_dict(federated.aggregate(*zip(*replies)))
     training.synchronize(datasets[0]['train_y'].device)
     middle = time.perf_counter()
-    sent = 0 if global_model is None or central else federated.model_bytes(global_model)
+    communicates = federated.algorithm_of(cfg).communicates
+    sent = federated.model_bytes(global_model) if communicates else 0
     entries = [federated.evaluate_client(cfg, client, clients[client], global_model,
                                          datasets[client], rnd, trained.get(client), sent)
                for client in range(cfg['n_clients'])]

@@ -46,7 +46,11 @@ class Interrupted(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """A SIGTERM, handled as a Ctrl-C is (stop_on_sigterm)."""
+    """A SIGTERM, handled as a Ctrl-C is (raise_terminated)."""
+
+
+def stop_word(interrupt):
+    return 'terminated' if isinstance(interrupt, Terminated) else 'interrupted'
 
 
 def exit_status(interrupt):
@@ -652,8 +656,7 @@ def train_loop(folder, rows, total, step, save, line, unit, resume_hint, lists=N
             clock.tick()
             print(line(row, total, clock.left(total - len(rows))), flush=True)
     except KeyboardInterrupt as e:
-        what = 'terminated' if isinstance(e, Terminated) else 'interrupted'
-        raise Interrupted(f"{what}: {kept(folder, saved, unit)}; continue with: "
+        raise Interrupted(f"{stop_word(e)}: {kept(folder, saved, unit)}; continue with: "
                           f"{resume_hint(folder)}", exit_status(e)) from None
     except OSError as e:
         raise OutputError(f"could not write the outputs of {unit} {saved + 1} "
@@ -682,8 +685,7 @@ def run_guarded(body, argv, errors, help_text=None):
         print(str(e), file=sys.stderr)
         raise SystemExit(e.status)
     except KeyboardInterrupt as e:
-        what = 'terminated' if isinstance(e, Terminated) else 'interrupted'
-        print(f"{what} before the run began: nothing was written.", file=sys.stderr)
+        print(f"{stop_word(e)} before the run began: nothing was written.", file=sys.stderr)
         raise SystemExit(exit_status(e))
     except (ConfigError, Diverged, OutputError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,14 +1,15 @@
-"""Time whole epochs of main_centralized.py's default protocol (ResNet-20, 1 bit, batch 128,
-warm start): training plus the three evaluations a run logs, on 50,000 training and 10,000 test
+"""Time whole epochs of main_centralized.py's default protocol (ResNet-20, 1 bit, batch 128, warm
+start): training plus the three evaluations a run logs, on 50,000 training and 10,000 test
 images, through the script's own functions.
 
     python bench/epoch_time.py --data=PATH [--tile] [--device=cuda] [--epochs=3]
                                [--pretrained=PATH] [--train-images=50000] [--test-images=10000]
 
---tile builds the 50,000 and 10,000 images (or --train-images and --test-images) by repeating
-a smaller set in the standard format (../shared/data/cifar10-mini, 5,170 and 1,017 images),
-or by cutting it, where full CIFAR-10 cannot be had: a timing input only, never an accuracy. The first epoch is a warm-up; the figure is the median of
-the others. The last line printed is one JSON object.
+--tile builds the 50,000 and 10,000 images (or --train-images and --test-images) by repeating a
+smaller set in the standard format (../shared/data/cifar10-mini, 5,170 and 1,017 images), or by
+cutting it, where full CIFAR-10 cannot be had: a timing input only, never an accuracy. The first
+epoch is a warm-up; the figure is the median of the others. The last line printed is one JSON
+object.
 """
 import argparse
 import json

@@ -6,11 +6,11 @@ federated client iteration.
 One process, one random batch of 128: the plain step is forward, backward and an Adam step; the
 QuPeD iteration is the same plus the prox and center steps (n = 2 and n = 4); the federated
 client iteration is federated.quped_client_step with ResNet-20 for both the personalised (1 bit)
-and the global model: its steps (a), (b) and (c), main_federated.py's defaults otherwise. Each figure is the median of `reps`
-timed repetitions after `warmup` untimed ones, the variants interleaved so that drifts of the
-machine hit them alike. The process keeps freed memory as the scripts do on CPU
-(runtime.keep_freed_memory); --glibc-defaults measures without that. The last line printed is
-one JSON object.
+and the global model: its steps (a), (b) and (c), main_federated.py's defaults otherwise. Each
+figure is the median of `reps` timed repetitions after `warmup` untimed ones, the variants
+interleaved so that drifts of the machine hit them alike. The process keeps freed memory as the
+scripts do on CPU (runtime.keep_freed_memory); --glibc-defaults measures without that. The last
+line printed is one JSON object.
 """
 import argparse
 import json

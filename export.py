@@ -20,7 +20,7 @@ import torch
 import federated
 import packing
 import resnet
-import runtime
+import runs
 import utils
 
 
@@ -63,7 +63,7 @@ def write(path, arch, state, names, centers, on_centers, source, l1=True):
     together, or none."""
     obj = packing.pack(arch, state, center_indices(state, names, centers, on_centers, l1),
                        centers, source)
-    payload = runtime.torch_bytes(obj)
+    payload = runs.torch_bytes(obj)
     return path, payload, sizes(path, obj, state, len(payload))
 
 
@@ -142,27 +142,33 @@ def export(path):
         raise ExportError(f"{path}: {e}, the architecture its configuration names. The file "
                           f"was edited or belongs to another run: export the checkpoint as the "
                           f"run wrote it.") from None
-    runtime.write_together({file: payload for file, payload, _ in files})
+    runs.write_together({file: payload for file, payload, _ in files})
     result = [info for _, _, info in files]
-    federated_file = isinstance(checkpoint, dict) and 'clients' in checkpoint
+    federated_file = runs.kind_of(checkpoint) in ('federated', 'flower')
     return result if len(files) > 1 or federated_file else result[0]
 
 
 def packed_files(path, checkpoint):
     if packing.is_packed(checkpoint):
         raise ExportError(f"{path} is already a packed file.")
-    if isinstance(checkpoint, dict) and {'clients', 'global', 'round', 'rows'} <= set(checkpoint):
-        return export_federated_last(path, checkpoint)
-    if isinstance(checkpoint, dict) and {'clients', 'global', 'round'} <= set(checkpoint):
-        return export_federated(path, checkpoint)
-    if isinstance(checkpoint, dict) and checkpoint.get('centers') is not None and (
-            'config' in checkpoint):
+    kind = runs.kind_of(checkpoint)
+    if kind in ('federated', 'flower'):
+        return (export_federated_last if runs.file_of(checkpoint) == 'last' else
+                export_federated)(path, checkpoint)
+    if kind == 'centralized' and checkpoint.get('centers') is not None:
         return [export_centralized(path, checkpoint)]
-    if isinstance(checkpoint, dict) and checkpoint.get('config', {}).get('fp'):
+    if kind == 'centralized' and checkpoint['config'].get('fp'):
         raise ExportError(f"{path} is from a full-precision run (fp=True): it has no centers, "
                           f"so there is no quantized model to pack.")
-    raise ExportError(f"{path} holds no centers: pass a checkpoint of a QuPeD run "
-                      f"(best_quantized.pt, last.pt, or a federated best.pt or last.pt).")
+    if kind == 'centralized':
+        what = "holds no centers"
+    elif isinstance(checkpoint, dict) and all(torch.is_tensor(v) for v in checkpoint.values()):
+        what = "is a bare state_dict, which holds no centers"
+    else:
+        what = ("is not a checkpoint of this project (neither a `kind` field nor its contents "
+                "say which run wrote it)")
+    raise ExportError(f"{path} {what}: pass a checkpoint of a QuPeD run (best_quantized.pt, "
+                      f"last.pt, or a federated best.pt or last.pt).")
 
 
 def main(argv=None):

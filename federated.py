@@ -2,8 +2,8 @@
 main_federated.py runs them in one process, flower_app.py on Flower. A client's units are
 `client_round` (its training in a round) and `evaluate_client` (its metrics); the server's are
 `sample_clients`, `aggregate` and `round_row`. The configuration's checks, the partitions and
-the outputs (`best_file`, `last_file`, `load_client_model`) live here too, so that both engines
-check the same things and write the same files.
+the outputs (`best_file`, `last_file`; runs.py owns the folder they go in) live here too, so
+that both engines check the same things and write the same files.
 
 The released code defines only the center step's KD loss (utils.kd_loss, tested against the
 authors' golden vectors); the rest of each round is this project's reading of the paper, each
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import data
 import resnet
+import runs
 import runtime
 import training
 import utils
@@ -32,7 +33,6 @@ AGGREGATIONS = ('samples', 'uniform')
 GLOBAL_TEACHERS = ('quantized', 'full_precision')
 QUANTIZATION_RULES = {'cifarnet': utils.cnet_rule, 'cifarnet2': utils.cnet_rule}  # else ResNet
 RESUMABLE = {'rounds', 'device', 'resume', 'data_root'}  # may change when a run is resumed
-SCRIPT = 'main_federated.py'
 GLOBAL_SEED_OFFSET = 2 ** 32  # the global model's initial seed: past every client's
 ConfigError = runtime.ConfigError
 
@@ -252,11 +252,11 @@ def load_global_pretrained(cfg, model):
     `central` run's say, or a state_dict of global_arch in any layout resnet reads."""
     path, arch = cfg['global_pretrained'], cfg['global_arch']
     checkpoint = resnet.read_checkpoint(path)
-    if not (isinstance(checkpoint, dict) and 'global' in checkpoint and 'round' in checkpoint):
+    if runs.kind_of(checkpoint) not in ('federated', 'flower'):
         resnet.load_checkpoint(model, path, arch)
         return
     saved = checkpoint['global']
-    if isinstance(saved, dict) and 'state_dict' in saved:
+    if runs.file_of(checkpoint) == 'best' and saved is not None:
         saved_arch, state = saved['arch'], saved['state_dict']
     else:
         saved_arch, state = checkpoint['config']['global_arch'], saved
@@ -838,25 +838,27 @@ def improves(run, row):
     return row[SELECTION] > run['best']
 
 
-def best_file(cfg, folder, row, client_entries, global_model):
-    """{path: bytes} of best.pt: every client's quantized model (best_client_entry, none for
-    fedavg and fedavg_ft) and the global model, at the round whose SELECTION is the best so
-    far."""
-    return {os.path.join(folder, 'best.pt'): runtime.torch_bytes({
-        'config': cfg, 'round': row['round'], 'metrics': row, 'selected_on': SELECTION,
+def best_file(kind, cfg, folder, row, client_entries, global_model):
+    """{path: bytes} of best.pt of a run of `kind` (runs.KINDS): every client's quantized model
+    (best_client_entry, none for fedavg and fedavg_ft) and the global model, at the round whose
+    SELECTION is the best so far."""
+    return {os.path.join(folder, 'best.pt'): runs.torch_bytes({
+        **runs.checkpoint_fields(kind, 'best'), 'config': cfg, 'round': row['round'],
+        'metrics': row, 'selected_on': SELECTION,
         'clients': client_entries,
         'global': None if global_model is None else {
             'arch': cfg['global_arch'],
             'state_dict': {k: v.cpu() for k, v in global_model.state_dict().items()}}})}
 
 
-def last_file(cfg, folder, rows, clients, global_model, sampler, best, fingerprint,
+def last_file(kind, cfg, folder, rows, clients, global_model, sampler, best, fingerprint,
               central=None):
-    """{path: bytes} of last.pt: everything a resumed run needs (`clients`: each client's
-    saved_client_state, or None when the clients keep their states themselves; `central`:
-    saved_central_state, for `central`)."""
-    return {os.path.join(folder, 'last.pt'): runtime.torch_bytes({
-        'config': cfg, 'round': len(rows), 'rows': rows, 'clients': clients,
+    """{path: bytes} of last.pt of a run of `kind`: everything a resumed run needs (`clients`:
+    each client's saved_client_state, or None when the clients keep their states themselves;
+    `central`: saved_central_state, for `central`)."""
+    return {os.path.join(folder, 'last.pt'): runs.torch_bytes({
+        **runs.checkpoint_fields(kind, 'last'), 'config': cfg, 'round': len(rows), 'rows': rows,
+        'clients': clients,
         'global': None if global_model is None else global_model.state_dict(),
         **runtime.rng_states(sampler), 'best': best, 'data_fingerprint': fingerprint,
         'central': central})}
@@ -865,37 +867,4 @@ def last_file(cfg, folder, rows, clients, global_model, sampler, best, fingerpri
 def write_checkpoints(files):
     """A round's best.pt (when it improved) and last.pt, {path: bytes}, all written or none,
     before the logs: the one place every engine writes them (and where tests stand a kill)."""
-    runtime.write_together(files)
-
-
-def resume_hint(folder):
-    return f"python {SCRIPT} --resume={folder}"
-
-
-def load_client_model(path, client, device='cpu'):
-    """Client `client`'s quantized personalised model from a best.pt, ready (eval mode), and
-    {'round', 'metrics', 'config', 'arch', 'bits', 'centers'}. For fedavg and fedavg_ft, whose
-    clients have no model of their own, the global model."""
-    if isinstance(client, bool) or not isinstance(client, int):
-        raise ValueError(f"client={client!r}: give a client's index as an int, e.g. client=3.")
-    checkpoint = resnet.read_checkpoint(path)
-    if isinstance(checkpoint, dict) and 'rows' in checkpoint and 'clients' in checkpoint:
-        raise resnet.CheckpointError(
-            f"{path} is a federated run's last.pt, which keeps the clients' training states: "
-            f"pass its best.pt, or pack the clients' quantized models of last.pt with: python "
-            f"export.py {path}")
-    if not isinstance(checkpoint, dict) or not {'clients', 'global', 'round'} <= set(checkpoint):
-        raise resnet.CheckpointError(f"{path} is not a best.pt of main_federated.py (it lacks "
-                                     f"'clients', 'global' or 'round').")
-    n_clients = checkpoint['config']['n_clients']
-    if not 0 <= client < n_clients:
-        raise resnet.CheckpointError(f"{path} is a run of {n_clients} clients, 0 to "
-                                     f"{n_clients - 1}: there is no client {client}.")
-    entries = checkpoint['clients']
-    entry = entries[client] if entries else {**checkpoint['global'], 'bits': 0, 'centers': None}
-    model = resnet.build(entry['arch'])
-    model.load_state_dict(entry['state_dict'])
-    info = {'round': checkpoint['round'], 'metrics': checkpoint['metrics'],
-            'config': checkpoint['config'], 'arch': entry['arch'], 'bits': entry['bits'],
-            'centers': entry['centers']}
-    return model.to(device).eval(), info
+    runs.write_together(files)

@@ -39,9 +39,11 @@ from flwr.serverapp import Grid, ServerApp
 import data
 import federated
 import resnet
+import runs
 import runtime
 
 APP_DIR = Path(__file__).resolve().parent
+KIND = 'flower'  # what this app's run folders are (runs.KINDS)
 NODE_WAIT_SECONDS = 300  # how long the server waits for SuperNodes to connect or come back
 
 
@@ -161,13 +163,13 @@ def keep_state(context, folder, state, completed, to_file):
     its file (the previous round's file kept beside it)."""
     saved = federated.saved_client_state(state)
     context.state['client'] = ConfigRecord({'completed': completed,
-                                            'state': runtime.torch_bytes(saved)})
+                                            'state': runs.torch_bytes(saved)})
     STATES[(folder, partition_id(context))] = (completed, state)
     if to_file:
         latest, previous = state_paths(folder, context)
         if os.path.isfile(latest):
             os.replace(latest, previous)
-        runtime.save_torch(latest, {'completed': completed, 'state': saved})
+        runs.save_torch(latest, {'completed': completed, 'state': saved})
 
 
 def client_setup(msg, context):
@@ -232,7 +234,7 @@ def evaluate(msg, context):
     keep_state(context, folder, state, rnd + 1, to_file=True)
     reply = {'entry': json.dumps(entry)}
     if federated.keeps_client_models(cfg):
-        reply['best'] = runtime.torch_bytes(federated.best_client_entry(cfg, client_id, state))
+        reply['best'] = runs.torch_bytes(federated.best_client_entry(cfg, client_id, state))
     return Message(RecordDict({'reply': ConfigRecord(reply)}), reply_to=msg)
 
 
@@ -353,9 +355,9 @@ def save(cfg, run, rows):
     row, files = rows[-1], {}
     if federated.improves(run, row):
         run['best'] = row[federated.SELECTION]
-        files.update(federated.best_file(cfg, run['folder'], row, run['best_entries'],
+        files.update(federated.best_file(KIND, cfg, run['folder'], row, run['best_entries'],
                                          run['global_model']))
-    files.update(federated.last_file(cfg, run['folder'], rows, None, run['global_model'],
+    files.update(federated.last_file(KIND, cfg, run['folder'], rows, None, run['global_model'],
                                      run['sampler'], run['best'], None))
     federated.write_checkpoints(files)
 
@@ -371,23 +373,14 @@ def serve(grid, context):
                                   f"nothing to run on Flower: run it with python "
                                   f"main_federated.py --algorithm={cfg['algorithm']}")
     if cfg['resume']:
-        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE,
-                                              'rounds', 'flower_app.py')
-        cfg = {**pyproject_defaults(), **cfg}
-        federated.check_config(cfg)
-        if checkpoint is not None:
-            runtime.check_not_shorter(checkpoint['round'], cfg['rounds'], 'rounds', 'round',
-                                      cfg['resume'])
+        cfg, checkpoint = runs.resume(cfg['resume'], overrides, federated.RESUMABLE, KIND,
+                                      pyproject_defaults(), federated.check_config)
     dev = torch.device('cpu')  # the server only averages
     runtime.seed_everything(cfg['seed'], dev)
-    folder = cfg['resume'] or runtime.new_run_folder(
-        cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg), resume_hint)
-    with runtime.locked(folder):
+    folder = cfg['resume'] or runs.new_run_folder(
+        cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg), KIND)
+    with runs.locked(folder):
         return serve_in(grid, cfg, checkpoint, folder, dev)
-
-
-def resume_hint(folder):
-    return f"flwr run . --run-config \"resume='{folder}'\""
 
 
 def serve_in(grid, cfg, checkpoint, folder, dev):
@@ -407,13 +400,12 @@ def serve_in(grid, cfg, checkpoint, folder, dev):
             run['global_model'].load_state_dict(checkpoint['global'])
         runtime.restore_rng_states(checkpoint, run['sampler'])
         run['best'] = checkpoint['best']
-        runtime.write_rows(folder, rows)
+        runs.write_rows(folder, rows)
         print(f"resuming {folder} after round {len(rows)}")
-    runtime.write_config(folder, cfg)
-    runtime.write_json(os.path.join(folder, 'partition.json'), parts)
-    runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: flower_round(grid, cfg, run, rnd),
-                       lambda rows: save(cfg, run, rows), federated.round_line(cfg), 'round',
-                       resume_hint)
+    runs.write_config(folder, cfg, KIND)
+    runs.write_json(os.path.join(folder, 'partition.json'), parts)
+    runs.train_loop(folder, rows, cfg['rounds'], lambda rnd: flower_round(grid, cfg, run, rnd),
+                    lambda rows: save(cfg, run, rows), federated.round_line(cfg), KIND)
     return folder
 
 

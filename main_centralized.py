@@ -17,8 +17,8 @@ import sys
 import torch
 
 import data
-import packing
 import resnet
+import runs
 import runtime
 import training
 import utils
@@ -57,19 +57,10 @@ evaluate = ''                # a checkpoint: report its test accuracy and exit
 # ---------------------------------------------------------------------------------------------
 DEFAULTS = runtime.hyperparameters(globals())
 
-# The authors' published full-precision checkpoints (github.com/kazkara/QuPeD).
-PUBLISHED = {
-    20: ('resnet20_fp_fpinit.pt', 'https://github.com/kazkara/QuPeD/raw/main/resnet20_fp_fpinit.pt',
-         '3f093dcd89d47eaab18b897aee327d7cddb2cecc177430e9b54630ae9949fa88'),
-    32: ('resnet32_fp_sgd1init.pt',
-         'https://github.com/kazkara/QuPeD/raw/main/resnet32_fp_sgd1init.pt',
-         '76e4f25e2f0a6dbc501e892c0682e5ee25741a503cf1f6136ed30b335c10e04d'),
-}
-PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrained')
 LOGS = {'test.txt': 'test_acc', 'train.txt': 'train_acc', 'q_testacc.txt': 'q_test_acc',
         'q_trainloss.txt': 'q_train_loss'}  # the reference's four logs, as JSON lists
 RESUMABLE = {'EPOCHS', 'fp_epochs', 'device', 'resume', 'data_root'}  # may change on resume
-SCRIPT = 'main_centralized.py'
+KIND = 'centralized'  # what this script's run folders are (runs.KINDS)
 ConfigError = runtime.ConfigError
 
 
@@ -104,18 +95,13 @@ def check_config(cfg):
         raise ConfigError('; '.join(problems) + '. Fix these hyperparameters and run again.')
 
 
-def default_pretrained_path(depth):
-    """pretrained/<the authors' file> for ResNet-20/32, pretrained/resnet{depth}_fp.pt else."""
-    name = PUBLISHED[depth][0] if depth in PUBLISHED else f"resnet{depth}_fp.pt"
-    return os.path.join(PRETRAINED_DIR, name)
-
-
 def make_config(argv):
     """(configuration, the overrides it came from) for command-line arguments `argv`."""
     overrides = runtime.parse_overrides(DEFAULTS, argv)
     cfg = {**DEFAULTS, **overrides}
     check_config(cfg)
-    cfg['pretrained_path'] = cfg['pretrained_path'] or default_pretrained_path(cfg['resn'])
+    cfg['pretrained_path'] = (cfg['pretrained_path'] or
+                              resnet.default_pretrained_path(cfg['resn']))
     return cfg, overrides
 
 
@@ -130,17 +116,8 @@ def check_trainable_batches(batch_size, n_train):
 
 # --- schedules -------------------------------------------------------------------------------
 
-def schedule(cfg, epoch):
-    """The reference's values for 0-based `epoch` (training.schedule); with SGD, lambda_coef
-    grows x10 at every learning-rate drop, except for ResNet-8 (ALGORITHM.md, Schedules)."""
-    lr_drops = sum(epoch >= m for m in cfg['lr_milestones'])
-    scale = 10 ** lr_drops if not cfg['adam'] and cfg['resn'] != 8 else 1
-    return training.schedule(epoch, cfg['lambda_coef'], cfg['lr2'], cfg['lr2_milestones'],
-                             cfg['freeze_epoch'], scale, quantizing=not cfg['fp'])
-
-
 def total_epochs(cfg):
-    return cfg['fp_epochs'] if cfg['fp'] else cfg['EPOCHS']
+    return runs.total_of(KIND, cfg)[1]
 
 
 # --- model, optimizer, warm start ------------------------------------------------------------
@@ -148,7 +125,7 @@ def total_epochs(cfg):
 def download_published(resn_depth, path):
     """Fetch the authors' checkpoint for this depth to `path`, with a progress bar; torch.hub
     checks its sha256 and keeps nothing that fails the check."""
-    _, url, digest = PUBLISHED[resn_depth]
+    _, url, digest = resnet.PUBLISHED[resn_depth]
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, path, hash_prefix=digest, progress=True)
@@ -162,7 +139,8 @@ def download_published(resn_depth, path):
 def warm_start(cfg, model):
     path = cfg['pretrained_path']
     if not os.path.exists(path):
-        published = cfg['resn'] in PUBLISHED and path == default_pretrained_path(cfg['resn'])
+        published = (cfg['resn'] in resnet.PUBLISHED and
+                     path == resnet.default_pretrained_path(cfg['resn']))
         if not published:
             raise resnet.CheckpointError(
                 f"the warm-start checkpoint {path} does not exist and the authors published none "
@@ -177,36 +155,8 @@ def warm_start(cfg, model):
 
 # --- evaluation ------------------------------------------------------------------------------
 
-def load_model(path, device='cpu'):
-    """A ready model (eval mode) from one of our checkpoints (best_fp.pt, best_quantized.pt,
-    last.pt), a packed file (export.py) or any CIFAR ResNet state_dict, and the checkpoint's
-    `config`, `epoch` and `metrics` ({} for a bare state_dict; a packed file's `source`).
-    best_quantized.pt and packed files hold the quantized weights Q_c(x), so the model they
-    give is the quantized model."""
-    checkpoint = resnet.read_checkpoint(path)  # reports a missing or damaged file
-    if packing.is_packed(checkpoint):
-        model, info = packing.load_packed(path, device)
-        source = info['source']
-        return model, {**info, **source, 'metrics': {'q_test_acc': source.get('q_test_acc')}}
-    if isinstance(checkpoint, dict) and 'clients' in checkpoint:
-        raise resnet.CheckpointError(
-            f"{path} is a federated run's checkpoint, with one model per client: load a "
-            f"client's with federated.load_client_model('{path}', client), or pack them with "
-            f"python export.py {path}")
-    state = resnet.read_state_dict(path)  # reports a file that holds no state_dict
-    info = {k: checkpoint[k] for k in ('config', 'epoch', 'metrics')
-            if isinstance(checkpoint, dict) and k in checkpoint}
-    arch = f"resnet{info['config']['resn']}" if 'config' in info else resnet.guess_arch(state)
-    if arch is None:
-        raise resnet.CheckpointError(f"checkpoint {path!r} is not a CIFAR model of this "
-                                     f"project (no architecture matches its keys).")
-    model = resnet.build(arch)
-    resnet.load_checkpoint(model, path, arch)
-    return model.to(device).eval(), info
-
-
 def report_checkpoint(cfg, dev):
-    model, info = load_model(cfg['evaluate'], dev)
+    model, info = runs.load_model(cfg['evaluate'], dev)
     cifar = data.load_cifar10(cfg['data_root'], dev)
     loss, acc = runtime.evaluate(model, cifar['test_x'], cifar['test_y'])
     saved = f", saved after epoch {info['epoch']}" if 'epoch' in info else ''
@@ -225,7 +175,8 @@ def default_run_name(cfg):
 
 
 def best_checkpoint(cfg, state, row, state_dict, quantized):
-    return {'state_dict': state_dict,
+    return {**runs.checkpoint_fields(KIND, 'best_quantized' if quantized else 'best_fp'),
+            'state_dict': state_dict,
             'centers': None if state['centers'] is None else state['centers'].cpu(),
             'config': cfg, 'epoch': row['epoch'], 'metrics': row, 'quantized': quantized,
             'quantized_names': None if state['weights'] is None else state['weights'].names}
@@ -244,29 +195,31 @@ def best_files(cfg, state, folder, row):
     model_state = {k: v.cpu() for k, v in state['model'].state_dict().items()}
     if row[f'{split}_acc'] > state['best_acc']:
         state['best_acc'] = row[f'{split}_acc']
-        files[os.path.join(folder, 'best_fp.pt')] = runtime.torch_bytes(
+        files[os.path.join(folder, 'best_fp.pt')] = runs.torch_bytes(
             best_checkpoint(cfg, state, row, model_state, quantized=False))
         if cfg['fp'] and cfg['save_pretrained']:
             os.makedirs(os.path.dirname(os.path.abspath(cfg['pretrained_path'])), exist_ok=True)
-            files[cfg['pretrained_path']] = runtime.torch_bytes(model_state)
+            files[cfg['pretrained_path']] = runs.torch_bytes(model_state)
     if not cfg['fp'] and row[f'q_{split}_acc'] > state['best_q_acc']:
         state['best_q_acc'] = row[f'q_{split}_acc']
         q_state = {**model_state, **{k: v.cpu() for k, v in utils.quantized_state(
             state['weights'], state['centers'], cfg['l1']).items()}}
-        files[os.path.join(folder, 'best_quantized.pt')] = runtime.torch_bytes(
+        files[os.path.join(folder, 'best_quantized.pt')] = runs.torch_bytes(
             best_checkpoint(cfg, state, row, q_state, quantized=True))
     return files
 
 
 def last_checkpoint(cfg, state, rows, fingerprint):
     """Everything a resumed run needs."""
-    return {'config': cfg, 'epoch': len(rows), 'rows': rows, **training.saved_state(state),
+    return {**runs.checkpoint_fields(KIND, 'last'), 'config': cfg, 'epoch': len(rows),
+            'rows': rows, **training.saved_state(state),
             'quantized_names': None if state['weights'] is None else state['weights'].names,
             **runtime.rng_states(state['generator']),
             'best_acc': state['best_acc'], 'best_q_acc': state['best_q_acc'],
             'data_fingerprint': fingerprint,
             # for inspection only: a resumed run recomputes it from the epoch
-            'schedule': schedule(cfg, len(rows)) if len(rows) < total_epochs(cfg) else None}
+            'schedule': (training.protocol_schedule(cfg, len(rows))
+                         if len(rows) < total_epochs(cfg) else None)}
 
 
 def save(cfg, state, folder, rows, fingerprint):
@@ -274,9 +227,9 @@ def save(cfg, state, folder, rows, fingerprint):
     previous epoch's files as they were); then come the logs, so that what a run shows is never
     ahead of what --resume continues from."""
     files = best_files(cfg, state, folder, rows[-1])
-    files[os.path.join(folder, 'last.pt')] = runtime.torch_bytes(
+    files[os.path.join(folder, 'last.pt')] = runs.torch_bytes(
         last_checkpoint(cfg, state, rows, fingerprint))
-    runtime.write_together(files)
+    runs.write_together(files)
 
 
 def epoch_line(row, epochs, left):
@@ -296,16 +249,7 @@ def initial_state(cfg, dev):
     model = resnet.build(f"resnet{cfg['resn']}")
     if not cfg['cold_start']:
         warm_start(cfg, model)
-    model.to(dev)
-    optimizer, scheduler = training.build_optimizer(
-        model, cfg['adam'] and not cfg['fp'], cfg['weight_decay'], cfg['lr_milestones'])
-    generator = runtime.device_generator(cfg['seed'], dev)
-    try:
-        state = training.new_state(model, 0 if cfg['fp'] else cfg['n_centroids'], optimizer,
-                                   scheduler, generator, adam_centers=cfg['adam'], l1=cfg['l1'])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return {**state, 'best_acc': 0.0, 'best_q_acc': 0.0}
+    return training.protocol_state(cfg, model.to(dev), dev)
 
 
 def resumed_state(cfg, dev, checkpoint):
@@ -317,24 +261,8 @@ def resumed_state(cfg, dev, checkpoint):
     return state
 
 
-QUANTIZED_KEYS = ('q_test_acc', 'q_val_acc', 'q_train_loss', 'lambda', 'lambda2', 'lr2', 'frozen',
-                  'centers', 'members')  # what a full-precision run's rows leave out
-
-
-def run_epoch(cfg, state, cifar, epoch):
-    """Train and evaluate 0-based `epoch`; returns its metrics row."""
-    row = {'epoch': epoch + 1, **training.run_epoch(
-        state, cifar, schedule(cfg, epoch), cfg['BATCH_SIZE'], cfg['center_reg_fix'],
-        update=not cfg['fp'], progress=f"epoch {epoch + 1}")}
-    return {k: v for k, v in row.items() if k not in QUANTIZED_KEYS} if cfg['fp'] else row
-
-
 def logs(cfg):
     return {k: v for k, v in LOGS.items() if not cfg['fp'] or not v.startswith('q_')}
-
-
-def resume_hint(folder):
-    return f"python {SCRIPT} --resume={folder}"
 
 
 RELEASED_SIGN = ("note: center_reg_fix=False keeps the released code's sign of the L1 center "
@@ -351,12 +279,8 @@ def train(cfg, overrides):
     """A new run, or the continuation of cfg['resume']; returns the run folder."""
     checkpoint = None
     if cfg['resume']:
-        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, RESUMABLE, 'EPOCHS',
-                                              SCRIPT, DEFAULTS, check_config)
-        if checkpoint is not None:
-            runtime.check_not_shorter(checkpoint['epoch'], total_epochs(cfg),
-                                      'fp_epochs' if cfg['fp'] else 'EPOCHS', 'epoch',
-                                      cfg['resume'])
+        cfg, checkpoint = runs.resume(cfg['resume'], overrides, RESUMABLE, KIND, DEFAULTS,
+                                      check_config)
     elif cfg['fp'] and cfg['save_pretrained'] and os.path.exists(cfg['pretrained_path']):
         raise ConfigError(f"save_pretrained would overwrite {cfg['pretrained_path']}: move "
                           f"that file or choose another --pretrained_path.")
@@ -366,7 +290,7 @@ def train(cfg, overrides):
     cifar = data.with_validation(data.load_cifar10(cfg['data_root'], dev), cfg['val_fraction'],
                                  cfg['seed'])
     fingerprint = data.fingerprint(cfg['data_root'])
-    runtime.check_data(checkpoint, fingerprint, cfg['data_root'])
+    runs.check_data(checkpoint, fingerprint, cfg['data_root'])
     check_trainable_batches(cfg['BATCH_SIZE'], cifar['train_y'].shape[0])
     held_out = (f" ({cifar['val_y'].shape[0]} more held out for validation)"
                 if cfg['val_fraction'] else '')
@@ -375,11 +299,11 @@ def train(cfg, overrides):
     state = None
     if checkpoint is None:
         state = initial_state(cfg, dev)
-        folder = cfg['resume'] or runtime.new_run_folder(
-            cfg['results_dir'], cfg['run_name'] or default_run_name(cfg), resume_hint)
+        folder = cfg['resume'] or runs.new_run_folder(
+            cfg['results_dir'], cfg['run_name'] or default_run_name(cfg), KIND)
     else:
         folder = cfg['resume']
-    with runtime.locked(folder):
+    with runs.locked(folder):
         return train_in(cfg, checkpoint, folder, state, cifar, dev, fingerprint)
 
 
@@ -391,18 +315,18 @@ def train_in(cfg, checkpoint, folder, state, cifar, dev, fingerprint):
     else:
         state = resumed_state(cfg, dev, checkpoint)
         rows = checkpoint['rows']
-        runtime.write_rows(folder, rows, logs(cfg))  # logs a kill left behind last.pt catch up
+        runs.write_rows(folder, rows, logs(cfg))  # logs a kill left behind last.pt catch up
         print(f"resuming {folder} after epoch {len(rows)}")
     print('config: ' + json.dumps(cfg))
     if not cfg['fp']:
         print(QUIRK_5.format(freeze=cfg['freeze_epoch']))
         if cfg['l1'] and not cfg['center_reg_fix']:
             print(RELEASED_SIGN)
-    runtime.write_config(folder, cfg)
-    runtime.train_loop(folder, rows, total_epochs(cfg),
-                       lambda epoch: run_epoch(cfg, state, cifar, epoch),
-                       lambda rows: save(cfg, state, folder, rows, fingerprint), epoch_line,
-                       'epoch', resume_hint, logs(cfg))
+    runs.write_config(folder, cfg, KIND)
+    runs.train_loop(folder, rows, total_epochs(cfg),
+                    lambda epoch: training.protocol_epoch(cfg, state, cifar, epoch),
+                    lambda rows: save(cfg, state, folder, rows, fingerprint), epoch_line, KIND,
+                    logs(cfg))
     split = {'val': 'validation', 'test': 'test'}[selection_split(cfg)]
     quantized = '' if cfg['fp'] else f", {state['best_q_acc']:.4f} (quantized)"
     print(f"done: best {split} accuracy {state['best_acc']:.4f} (full precision){quantized}; "

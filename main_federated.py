@@ -21,6 +21,7 @@ import torch
 import data
 import federated
 import resnet
+import runs
 import runtime
 import training
 
@@ -83,7 +84,7 @@ tf32 = False                   # CUDA: TF32 convolutions and matmuls (not the au
 resume = ''                    # a run folder: continue that run from its last.pt
 # ---------------------------------------------------------------------------------------------
 DEFAULTS = runtime.hyperparameters(globals())
-SCRIPT = federated.SCRIPT
+KIND = 'federated'  # what this script's run folders are (runs.KINDS)
 
 
 # --- the in-process run ----------------------------------------------------------------------
@@ -149,10 +150,11 @@ def save(cfg, run, folder, rows):
         entries = ([federated.best_client_entry(cfg, client, state)
                     for client, state in enumerate(run['clients'])]
                    if federated.keeps_client_models(cfg) else [])
-        files.update(federated.best_file(cfg, folder, row, entries, run['global_model']))
+        files.update(federated.best_file(KIND, cfg, folder, row, entries, run['global_model']))
     files.update(federated.last_file(
-        cfg, folder, rows, [federated.saved_client_state(state) for state in run['clients']],
-        run['global_model'], run['sampler'], run['best'], run['fingerprint'],
+        KIND, cfg, folder, rows,
+        [federated.saved_client_state(state) for state in run['clients']], run['global_model'],
+        run['sampler'], run['best'], run['fingerprint'],
         None if run['central'] is None else federated.saved_central_state(run['central'])))
     federated.write_checkpoints(files)
 
@@ -161,7 +163,7 @@ def restore(cfg, run, checkpoint, folder):
     if checkpoint['clients'] is None:
         raise runtime.ConfigError(
             f"{folder} was trained on Flower, whose clients keep their own states: continue it "
-            f"there, with: flwr run . --run-config \"resume='{folder}'\"")
+            f"there, with: {runs.resume_command('flower', folder)}")
     for state, saved in zip(run['clients'], checkpoint['clients']):
         federated.load_client_state(state, saved)
     if run['global_model'] is not None:
@@ -184,34 +186,29 @@ def train(cfg, overrides):
     """A new federated run, or the continuation of cfg['resume']; returns the run folder."""
     checkpoint = None
     if cfg['resume']:
-        cfg, checkpoint = runtime.read_resume(cfg['resume'], overrides, federated.RESUMABLE,
-                                              'rounds', SCRIPT, DEFAULTS, federated.check_config)
-        if checkpoint is not None:
-            runtime.check_not_shorter(checkpoint['round'], cfg['rounds'], 'rounds', 'round',
-                                      cfg['resume'])
+        cfg, checkpoint = runs.resume(cfg['resume'], overrides, federated.RESUMABLE, KIND,
+                                      DEFAULTS, federated.check_config)
     dev = runtime.select_device(cfg['device'])
     runtime.prepare_device(dev, cfg['tf32'])
     print(f"device: {runtime.describe_device(dev)}")
     parts, run = start(cfg, dev)
-    runtime.check_data(checkpoint, run['fingerprint'], cfg['data_root'])
-    folder = cfg['resume'] or runtime.new_run_folder(
-        cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg),
-        federated.resume_hint)
-    with runtime.locked(folder):
+    runs.check_data(checkpoint, run['fingerprint'], cfg['data_root'])
+    folder = cfg['resume'] or runs.new_run_folder(
+        cfg['results_dir'], cfg['run_name'] or federated.default_run_name(cfg), KIND)
+    with runs.locked(folder):
         if checkpoint is None:
             cfg['run_name'] = os.path.basename(os.path.normpath(folder))
             rows = []
         else:
             restore(cfg, run, checkpoint, folder)
             rows = checkpoint['rows']
-            runtime.write_rows(folder, rows)  # a log a kill left behind last.pt catches up
+            runs.write_rows(folder, rows)  # a log a kill left behind last.pt catches up
             print(f"resuming {folder} after round {len(rows)}")
         print('config: ' + json.dumps(cfg))
-        runtime.write_config(folder, cfg)
-        runtime.write_json(os.path.join(folder, 'partition.json'), parts)
-        runtime.train_loop(folder, rows, cfg['rounds'], lambda rnd: run_round(cfg, run, rnd),
-                           lambda rows: save(cfg, run, folder, rows), federated.round_line(cfg),
-                           'round', federated.resume_hint)
+        runs.write_config(folder, cfg, KIND)
+        runs.write_json(os.path.join(folder, 'partition.json'), parts)
+        runs.train_loop(folder, rows, cfg['rounds'], lambda rnd: run_round(cfg, run, rnd),
+                        lambda rows: save(cfg, run, folder, rows), federated.round_line(cfg), KIND)
     print(final_line(rows, folder))
     return folder
 

@@ -13,7 +13,6 @@ loss, lambda, lambda2 and lr2 as steps, every layer's centers (named) with [-1, 
 federated runs: the clients' accuracy (mean, min, max), the global model's, and the centers of
 one client of every kind (architecture and bits). The freeze is a vertical line.
 """
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter  # noqa: E4
 
 import federated  # noqa: E402
 import resnet  # noqa: E402
+import runs  # noqa: E402
 import utils  # noqa: E402
 
 DPI = 100
@@ -35,72 +35,33 @@ COLOURS = {'fp': 'tab:blue', 'quantized': 'tab:orange', 'global': 'tab:green',
 MARKERS = 40  # runs with at most this many points show a marker on each
 
 
-class RunError(Exception):
-    """A folder that holds no run, or none with a completed epoch; the message says which."""
+RunError = runs.RunError
 
 
 def read_run(folder):
-    """(config, rows) of a run folder."""
-    metrics = os.path.join(folder, 'metrics.jsonl')
-    config = os.path.join(folder, 'config.json')
-    if not os.path.isdir(folder) or not os.path.isfile(config):
-        raise RunError(f"{folder} is not a run folder (no config.json): pass folders that "
-                       f"main_centralized.py or main_federated.py wrote, e.g. Results/<run>.")
-    cfg = read_json(config)
-    if not isinstance(cfg, dict):
-        raise RunError(f"{config} does not hold a configuration (a JSON object): it was edited "
-                       f"or damaged; restore it from the run's last.pt (python -c \"import "
-                       f"torch; print(torch.load('last.pt')['config'])\") or rerun.")
-    rows = []
-    if os.path.isfile(metrics):
-        try:
-            with open(metrics) as f:
-                lines = f.readlines()
-        except PermissionError:
-            raise RunError(f"{metrics} cannot be read: permission denied; give this user read "
-                           f"access to it (chmod u+r).") from None
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = None
-                if not isinstance(row, dict):
-                    raise RunError(f"line {number} of {metrics} is not a JSON object: the file "
-                                   f"is damaged; resume the run to rewrite it from its "
-                                   f"last.pt.")
-                rows.append(row)
-    if not rows:
-        raise RunError(f"{folder} has no completed epoch or round yet: plot it once its first "
-                       f"one has ended.")
-    return cfg, rows
+    """(config with its `kind`, rows) of a run folder."""
+    kind, cfg, rows = runs.read_run(folder)
+    return {**cfg, 'kind': kind}, rows
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError:
-        raise RunError(f"{path} is not JSON: the file is damaged.") from None
-    except PermissionError:
-        raise RunError(f"{path} cannot be read: permission denied; give this user read access "
-                       f"to it (chmod u+r).") from None
+def is_federated(cfg):
+    return cfg['kind'] != 'centralized'
 
 
-def is_federated(rows):
-    return 'round' in rows[0]
+def unit(cfg):
+    return runs.unit_of(cfg['kind'])
 
 
-def steps(rows):
-    return [row['round' if 'round' in row else 'epoch'] for row in rows]
+def steps(cfg, rows):
+    return [row[unit(cfg)] for row in rows]
 
 
-def freeze_step(rows):
-    return next((s for s, row in zip(steps(rows), rows) if row.get('frozen')), None)
+def freeze_step(cfg, rows):
+    return next((s for s, row in zip(steps(cfg, rows), rows) if row.get('frozen')), None)
 
 
-def mark_freeze(ax, rows):
-    step = freeze_step(rows)
+def mark_freeze(ax, cfg, rows):
+    step = freeze_step(cfg, rows)
     if step is not None:
         ax.axvline(step, **FREEZE_STYLE, label=f'freeze ({step})')
 
@@ -110,10 +71,10 @@ def style(rows):
     return {'marker': 'o', 'markersize': 3} if len(rows) <= MARKERS else {}
 
 
-def whole_ticks(ax, rows):
+def whole_ticks(ax, cfg, rows):
     """Epochs and rounds are whole numbers: ticks at whole numbers only, a short run's span
     widened so that there are some."""
-    x = steps(rows)
+    x = steps(cfg, rows)
     if x[-1] - x[0] < 4:
         ax.set_xlim(x[0] - 0.5, x[-1] + 0.5)
         ax.set_xticks(range(x[0], x[-1] + 1))
@@ -121,10 +82,10 @@ def whole_ticks(ax, rows):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def label(ax, rows, ylabel):
-    ax.set_xlabel('round' if is_federated(rows) else 'epoch')
+def label(ax, cfg, rows, ylabel):
+    ax.set_xlabel(unit(cfg))
     ax.set_ylabel(ylabel)
-    whole_ticks(ax, rows)
+    whole_ticks(ax, cfg, rows)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -137,7 +98,7 @@ def model_label(cfg):
 
 def run_title(folder, cfg):
     name = os.path.basename(os.path.normpath(folder))
-    if 'algorithm' in cfg:
+    if is_federated(cfg):
         archs = ', '.join(cfg['client_archs'])
         bits = ', '.join(f'{b} bit' if b else 'full precision' for b in cfg['client_bits'])
         return f"{name}: {cfg['algorithm']}, {cfg['n_clients']} clients ({archs}; {bits})"
@@ -146,8 +107,8 @@ def run_title(folder, cfg):
 
 
 def plot_accuracy(ax, rows, cfg):
-    x = steps(rows)
-    if is_federated(rows):
+    x = steps(cfg, rows)
+    if is_federated(cfg):
         q = [[c['q_test_acc'] for c in row['clients']] for row in rows]
         personal = federated.ALGORITHMS[cfg['algorithm']].personalised
         name = model_label(cfg)
@@ -169,8 +130,8 @@ def plot_accuracy(ax, rows, cfg):
             ax.plot(x, [row['q_test_acc'] for row in rows], color=COLOURS['quantized'],
                     label='quantized', **style(rows))
     ax.set_ylim(0, 1)
-    mark_freeze(ax, rows)
-    label(ax, rows, 'test accuracy')
+    mark_freeze(ax, cfg, rows)
+    label(ax, cfg, rows, 'test accuracy')
 
 
 def log_axis(ax, values):
@@ -184,8 +145,8 @@ def log_axis(ax, values):
 
 
 def plot_loss(ax, rows, cfg):
-    x, plotted = steps(rows), []
-    if is_federated(rows):
+    x, plotted = steps(cfg, rows), []
+    if is_federated(cfg):
         for key, name, colour in (('train_loss', 'personalised', COLOURS['fp']),
                                   ('global_train_loss', 'global copy', COLOURS['global'])):
             values = [[c[key] for c in row['clients'] if c.get(key) is not None] for row in rows]
@@ -202,8 +163,8 @@ def plot_loss(ax, rows, cfg):
                 ax.plot(x, values, color=colour, label=name, **style(rows))
                 plotted += values
     log_axis(ax, plotted)
-    mark_freeze(ax, rows)
-    label(ax, rows, 'loss')
+    mark_freeze(ax, cfg, rows)
+    label(ax, cfg, rows, 'loss')
 
 
 def has_schedule(rows):
@@ -212,13 +173,13 @@ def has_schedule(rows):
 
 def plot_schedule(ax, rows, cfg):
     """lambda and lambda2 (left) and lr2 (right), as the steps they are."""
-    x = steps(rows)
+    x = steps(cfg, rows)
     ax.plot(x, [row['lambda'] for row in rows], drawstyle='steps-post', label='lambda',
             **style(rows))
     ax.plot(x, [row['lambda2'] for row in rows], '--', drawstyle='steps-post', label='lambda2',
             **style(rows))
-    mark_freeze(ax, rows)
-    label(ax, rows, 'lambda, lambda2')
+    mark_freeze(ax, cfg, rows)
+    label(ax, cfg, rows, 'lambda, lambda2')
     right = ax.twinx()
     right.plot(x, [max(row['lr2'], 1e-12) for row in rows], color='tab:red',
                drawstyle='steps-post', label='lr2 (right)')
@@ -237,7 +198,7 @@ def layer_names(cfg, arch):
 def center_series(cfg, rows):
     """[(title, layer names, [steps][layers][n] centers)]: the run's, or for a federated run
     those of the first client of every kind of model that has centers."""
-    if not is_federated(rows):
+    if not is_federated(cfg):
         if not rows[0].get('centers'):
             return []
         return [('centers', layer_names(cfg, f"resnet{cfg['resn']}"),
@@ -258,12 +219,12 @@ def plot_centers(fig, rows, cfg):
     series = center_series(cfg, rows)
     if not series:
         return False
-    x = steps(rows)
+    x = steps(cfg, rows)
     panels = [(title, name, [c[layer] for c in centers]) for title, names, centers in series
               for layer, name in enumerate(names)]
     cols = min(len(panels), max(len(names) for _, names, _ in series), 6)
     axes = fig.subplots(math.ceil(len(panels) / cols), cols, sharex=True, squeeze=False).flatten()
-    step = freeze_step(rows)
+    step = freeze_step(cfg, rows)
     for ax, panel in zip(axes, panels + [None] * (len(axes) - len(panels))):
         if panel is None:
             ax.axis('off')
@@ -277,11 +238,11 @@ def plot_centers(fig, rows, cfg):
             ax.axvline(step, **FREEZE_STYLE, zorder=1)
         ax.set_title(f'{title}\n{name}' if len(series) > 1 else name, fontsize=7)
         ax.tick_params(labelsize=7)
-        whole_ticks(ax, rows)
-        ax.set_xlabel('round' if is_federated(rows) else 'epoch', fontsize=7)
+        whole_ticks(ax, cfg, rows)
+        ax.set_xlabel(unit(cfg), fontsize=7)
         ax.set_ylabel('center value', fontsize=7)
     axes[0].legend(fontsize=6)
-    fig.suptitle(f'centers per {"round" if is_federated(rows) else "epoch"} '
+    fig.suptitle(f'centers per {unit(cfg)} '
                  f'([-1, 1] shaded, freeze dotted)', fontsize=10)
     return True
 
@@ -342,15 +303,15 @@ def plot_comparison(folders, out):
             title, names, centers = series[0]
             for layer in range(len(names)):
                 for k in range(len(centers[0][layer])):
-                    ax.plot(steps(rows), [c[layer][k] for c in centers], linewidth=0.7,
+                    ax.plot(steps(cfg, rows), [c[layer][k] for c in centers], linewidth=0.7,
                             color=depth(layer / max(len(names) - 1, 1)))
             ax.axhspan(-1, 1, color='tab:green', alpha=0.08, label='[-1, 1]', zorder=0)
-            mark_freeze(ax, rows)
+            mark_freeze(ax, cfg, rows)
             ax.set_title(f'{title}: every layer', fontsize=10)
             bar = fig.colorbar(plt.cm.ScalarMappable(
                 cmap=depth, norm=plt.Normalize(0, len(names) - 1)), ax=ax)
             bar.set_label('quantized layer (0 = first)')
-        label(ax, rows, 'center value')
+        label(ax, cfg, rows, 'center value')
     return save(fig, out)
 
 
@@ -364,7 +325,7 @@ def plot_sweep(folder, out=None):
         raise RunError(f"{folder} holds no summary.json, so it is {kind}. --sweep takes the "
                        f"folder sweep.py made (results_dir/<sweep name>); its summary is "
                        f"written once a run has finished.")
-    summary = read_json(path)
+    summary = runs.read_json(path)
     if not summary['settings']:
         raise RunError(f"{folder}/summary.json holds no finished setting yet.")
     fig = sweep_figure(summary, os.path.basename(os.path.normpath(folder)))
@@ -399,7 +360,7 @@ def sweep_figure(summary, name):
 
 def packed_size(folder, cfg):
     """The packed size of the run's best quantized model(s)."""
-    if 'algorithm' not in cfg:
+    if not is_federated(cfg):
         path = os.path.join(folder, 'best_quantized.pt.packed')
         return f"{os.path.getsize(path) / 1024:.1f} KB" if os.path.isfile(path) else ''
     sizes = [os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))
@@ -410,7 +371,7 @@ def packed_size(folder, cfg):
 def table_row(folder):
     cfg, rows = read_run(folder)
     name = os.path.basename(os.path.normpath(folder))
-    if is_federated(rows):
+    if is_federated(cfg):
         best = max(rows, key=lambda row: row['q_val_acc_weighted'])
         settings = (f"{cfg['algorithm']}, {cfg['n_clients']} clients, {cfg['partition']}, "
                     f"{'/'.join(cfg['client_archs'])} (global {cfg['global_arch']}), bits "
@@ -419,13 +380,13 @@ def table_row(folder):
                 f"{best['round']}, chosen on validation) | {rows[-1]['q_test_acc_weighted']:.4f} "
                 f"| {max(r['fp_test_acc_weighted'] for r in rows):.4f} | "
                 f"{packed_size(folder, cfg)} |")
-    key = 'q_test_acc' if 'q_test_acc' in rows[0] else 'test_acc'
+    key = 'test_acc' if cfg.get('fp') else 'q_test_acc'
     if cfg.get('val_fraction'):
         best, how = max(rows, key=lambda row: row[key.replace('test', 'val')]), 'on validation'
     else:
         best, how = max(rows, key=lambda row: row[key]), 'on test, as the authors'
     kind = 'full precision' if cfg.get('fp') else f"n={cfg['n_centroids']}"
-    total = cfg['fp_epochs'] if cfg.get('fp') else cfg['EPOCHS']
+    _, total = runs.total_of(cfg['kind'], cfg)
     settings = (f"resnet{cfg['resn']}, {kind}, lambda_coef {cfg['lambda_coef']:g}, "
                 f"center_reg_fix={cfg['center_reg_fix']}, {len(rows)}/{total} epochs")
     return (f"| {name} | {settings} | {best[key]:.4f} (epoch {best['epoch']}, chosen {how}) | "

@@ -31,6 +31,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The authors' published full-precision checkpoints (github.com/kazkara/QuPeD).
+PUBLISHED = {
+    20: ('resnet20_fp_fpinit.pt', 'https://github.com/kazkara/QuPeD/raw/main/resnet20_fp_fpinit.pt',
+         '3f093dcd89d47eaab18b897aee327d7cddb2cecc177430e9b54630ae9949fa88'),
+    32: ('resnet32_fp_sgd1init.pt',
+         'https://github.com/kazkara/QuPeD/raw/main/resnet32_fp_sgd1init.pt',
+         '76e4f25e2f0a6dbc501e892c0682e5ee25741a503cf1f6136ed30b335c10e04d'),
+}
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrained')
+
+
+def default_pretrained_path(depth):
+    """pretrained/<the authors' file> for ResNet-20/32, pretrained/resnet{depth}_fp.pt else."""
+    name = PUBLISHED[depth][0] if depth in PUBLISHED else f"resnet{depth}_fp.pt"
+    return os.path.join(PRETRAINED_DIR, name)
+
+
 BLOCKS_PER_STAGE = {'resnet8': 1, 'resnet20': 3, 'resnet32': 5, 'resnet44': 7, 'resnet56': 9,
                     'resnet110': 18}
 

@@ -1,20 +1,14 @@
 """Machinery the experiment scripts share: `--name=value` configuration checked against the
-defaults' types, run folders, atomic outputs and resume, random-number states, evaluation,
-Ctrl-C, the time estimate, device choice and the CPU allocator setting."""
+defaults' types, the errors that end a script and how (run_guarded), Ctrl-C and SIGTERM,
+random-number states, evaluation, the time estimate, device choice and the CPU allocator
+setting. The run folder itself is runs.py's."""
 import ast
-import contextlib
 import ctypes
 import ctypes.util
-import errno
-import fcntl
-import io
-import json
 import os
 import random
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -199,6 +193,18 @@ def parse_overrides(defaults, argv):
 MAX_SEED = 2 ** 62  # seeds are offset per client and model; torch takes them below 2**64
 
 
+def check_run_name(results_dir, name):
+    """A run folder's name is one path component, inside results_dir."""
+    if not results_dir:
+        raise ConfigError("results_dir is empty: give the folder that run folders go into, "
+                          "e.g. --results_dir=Results.")
+    if (not name or name in ('.', '..') or os.path.isabs(name) or '/' in name
+            or os.sep in name or (os.altsep and os.altsep in name)):
+        raise ConfigError(f"--run_name={name!r} is not a folder name: it must be one name, "
+                          f"without '/', '..' or a leading '/', so that the run stays inside "
+                          f"results_dir ({results_dir}).")
+
+
 def common_problems(cfg):
     """What is wrong with the settings both scripts share: the data and results folders, the
     run's name, the seed."""
@@ -301,273 +307,6 @@ def restore_rng_states(states, generator):
     random.setstate(states['python_rng'])
 
 
-# --- outputs ---------------------------------------------------------------------------------
-
-def write_atomic(path, data_bytes):
-    """Write bytes to `path` through a temporary file and a rename: a kill mid-write leaves the
-    previous file intact."""
-    write_together({os.fspath(path): data_bytes})
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def code_version():
-    """{'commit', 'clean'} of the git checkout this code runs from (None where it is not one):
-    clean is False when tracked files differ from the commit or untracked ones are present."""
-    def git(*args):
-        return subprocess.run(['git', '-C', os.path.dirname(os.path.abspath(__file__)), *args],
-                              capture_output=True, text=True, timeout=30)
-    try:
-        head, changes = git('rev-parse', 'HEAD'), git('status', '--porcelain')
-    except (OSError, subprocess.SubprocessError):
-        return {'commit': None, 'clean': None}
-    if head.returncode != 0 or changes.returncode != 0:
-        return {'commit': None, 'clean': None}
-    return {'commit': head.stdout.strip(), 'clean': not changes.stdout.strip()}
-
-
-def write_config(folder, cfg):
-    """config.json: the run's configuration, and under 'code' the version of the code of every
-    process that started or resumed it (code_version), the first one first."""
-    path = os.path.join(folder, 'config.json')
-    versions = []
-    try:
-        with open(path) as f:
-            versions = json.load(f).get('code') or []
-    except (OSError, ValueError, AttributeError):
-        pass
-    current = code_version()
-    if not versions or versions[-1] != current:
-        versions.append(current)
-    write_json(path, {**{k: v for k, v in cfg.items() if k != 'code'}, 'code': versions})
-
-
-def write_json(path, obj):
-    write_atomic(path, (json.dumps(obj, indent=1) + '\n').encode())
-
-
-def torch_bytes(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def save_torch(path, obj):
-    write_atomic(path, torch_bytes(obj))
-
-
-def write_together(files):
-    """Write {path: bytes} so that either all files change or none does, as far as a failure
-    while writing goes (a full disk, a read-only folder): every temporary file is written
-    before any is renamed into place."""
-    temporaries = {}
-    try:
-        for path, payload in files.items():
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.fspath(path)) or '.',
-                                       prefix='.tmp-')
-            temporaries[path] = tmp
-            os.chmod(tmp, 0o666 & ~current_umask())
-            with os.fdopen(fd, 'wb') as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        for tmp in temporaries.values():
-            os.unlink(tmp)
-        raise
-    try:
-        for path, tmp in list(temporaries.items()):
-            os.replace(tmp, path)
-            del temporaries[path]
-    finally:  # a rename that failed leaves no temporary file behind
-        for tmp in temporaries.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-
-def check_run_name(results_dir, name):
-    """A run folder's name is one path component, inside results_dir."""
-    if not results_dir:
-        raise ConfigError("results_dir is empty: give the folder that run folders go into, "
-                          "e.g. --results_dir=Results.")
-    if (not name or name in ('.', '..') or os.path.isabs(name) or '/' in name
-            or os.sep in name or (os.altsep and os.altsep in name)):
-        raise ConfigError(f"--run_name={name!r} is not a folder name: it must be one name, "
-                          f"without '/', '..' or a leading '/', so that the run stays inside "
-                          f"results_dir ({results_dir}).")
-
-
-def new_run_folder(results_dir, name, resume_hint):
-    """results_dir/name, created; a folder that already holds a run is never reused.
-    `resume_hint(folder)` is the command that continues a run."""
-    check_run_name(results_dir, name)
-    folder = os.path.join(results_dir, name)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ConfigError(f"{folder} is a file, not a run folder: choose another --run_name or "
-                          f"--results_dir.")
-    if os.path.isdir(folder) and not holds_nothing(folder):
-        raise ConfigError(f"{folder} already holds a run; it is never overwritten. Choose another "
-                          f"--run_name, or continue that run with: {resume_hint(folder)}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the run folder {folder} ({e.strerror}): choose a "
-                          f"writable --results_dir.") from None
-    return folder
-
-
-def leftovers(folder):
-    """What a run killed before its first output leaves: the lock, and temporary files of
-    writes it never finished."""
-    return [f for f in os.listdir(folder) if f == '.lock' or f.startswith('.tmp-')]
-
-
-def holds_nothing(folder):
-    """Whether a run folder holds no run yet (nothing, or only leftovers), so that a new run may
-    take it: no folder is a dead end that neither a new run nor --resume accepts."""
-    return len(leftovers(folder)) == len(os.listdir(folder))
-
-
-def remove_unfinished_writes(folder):
-    """Delete the temporary files of writes a kill cut short (write_atomic, write_together):
-    never read, they only take room."""
-    for name in leftovers(folder):
-        if name.startswith('.tmp-'):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, name))
-
-
-def describe_os_error(e, folder):
-    """'the disk holding FOLDER is full' for a full disk, else the error with its file."""
-    if e.errno == errno.ENOSPC:
-        return f"the disk holding {folder} is full (No space left on device)"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{e.filename or folder} cannot be written: {e.strerror.lower()}"
-    return f"{e.strerror}: {e.filename or folder}"
-
-
-@contextlib.contextmanager
-def locked(folder, name='.lock', doing='training'):
-    """An exclusive lock on folder/name while the body runs (the operating system drops it if
-    the process dies): a second process that tries to train the same run folder (or run the
-    same sweep) is refused instead of writing over it."""
-    path = os.path.join(folder, name)
-    try:
-        handle = open(path, 'a+')
-    except OSError as e:
-        raise ConfigError(f"cannot write into {folder} ({e.strerror}): choose a writable "
-                          f"--results_dir.") from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"another process is {doing} {folder} (it holds {path}): wait "
-                              f"for it to end, or stop it, before running or resuming this "
-                              f"{'run' if doing == 'training' else 'sweep'}.") from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-        except OSError as e:
-            raise ConfigError(f"cannot start in {folder}: {describe_os_error(e, folder)}. Make "
-                              f"room or choose another --results_dir; nothing else was "
-                              f"written.") from None
-        remove_unfinished_writes(folder)
-        yield
-    finally:
-        handle.close()
-
-
-def write_rows(folder, rows, lists=None):
-    """metrics.jsonl (one JSON object per row) and, for {filename: key} in `lists`, a JSON list
-    of that key's values, each written atomically."""
-    for filename, key in (lists or {}).items():
-        values = json.dumps([row[key] for row in rows])
-        write_atomic(os.path.join(folder, filename), values.encode())
-    write_atomic(os.path.join(folder, 'metrics.jsonl'),
-                 ''.join(json.dumps(row) + '\n' for row in rows).encode())
-
-
-def read_resume(folder, overrides, resumable, marker, script, defaults=None, check=None):
-    """(configuration, last.pt's contents or None) of the run in `folder`, a run of `script`
-    (its configuration has `marker`). A run stopped before its first epoch ended has only
-    config.json: it starts again from the beginning. Overrides other than `resumable` must
-    match the saved configuration. Hyperparameters the run predates take their `defaults`; a
-    saved value of another type than its default's, or one that `check` (the script's
-    configuration check) refuses, is an error that names the file, before anything is written."""
-    path = os.path.join(folder, 'last.pt')
-    config_path = os.path.join(folder, 'config.json')
-    if not os.path.isfile(path) and not os.path.isfile(config_path):
-        raise ConfigError(f"--resume={folder}: no run there (neither last.pt nor config.json); "
-                          f"name a folder that a run wrote.")
-    checkpoint = None
-    source = path if os.path.isfile(path) else config_path
-    try:
-        if os.path.isfile(path):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-            cfg = dict(checkpoint['config'])
-        else:
-            with open(config_path) as f:
-                cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-    except PermissionError:
-        raise ConfigError(f"{source} cannot be read: permission denied. Give this user read "
-                          f"access to it (chmod u+r), then resume again.") from None
-    except Exception as e:
-        raise ConfigError(f"{source} cannot be read ({type(e).__name__}); it is damaged. Start a "
-                          f"new run instead.") from None
-    cfg.pop('code', None)  # config.json's record of the code, not a hyperparameter
-    if marker not in cfg:
-        other = 'main_federated.py' if 'rounds' in cfg else 'main_centralized.py'
-        raise ConfigError(f"--resume={folder}: that folder holds a run of {other}, not of "
-                          f"{script}; continue it with: python {other} --resume={folder}")
-    changed = [f"{k} ({cfg.get(k)!r} -> {v!r})" for k, v in overrides.items()
-               if k not in resumable and cfg.get(k) != v]
-    if changed:
-        raise ConfigError(f"a resumed run keeps its configuration, but these overrides differ "
-                          f"from it: {', '.join(changed)}. Only {', '.join(sorted(resumable))} "
-                          f"may change; start a new run for the others.")
-    cfg.update({k: v for k, v in overrides.items() if k in resumable})
-    cfg['resume'] = folder
-    if defaults is not None:
-        wrong = [f"{k}={cfg[k]!r} is not {describe_type(v)}" for k, v in defaults.items()
-                 if k in cfg and coerce(v, cfg[k]) is None]
-        if wrong:
-            raise ConfigError(f"{source} holds values the run cannot use ({'; '.join(wrong)}): "
-                              f"it was edited or damaged. Restore the run's values, or start a "
-                              f"new run.")
-        cfg = {**defaults, **{k: coerce(defaults[k], v) if k in defaults else v
-                              for k, v in cfg.items()}}
-    if check is not None:
-        try:
-            check(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"{source} holds a configuration the run cannot use: {e} It was "
-                              f"edited or damaged: restore the run's values, or start a new "
-                              f"run.") from None
-    return cfg, checkpoint
-
-
-def check_not_shorter(done, total, name, unit, folder):
-    """A resumed run may be extended, never shortened below what it has done."""
-    if total < done:
-        raise ConfigError(f"{folder} has completed {done} {unit}s; --{name}={total} would end it "
-                          f"before that. Give {name} of {done} or more (more extends the run).")
-
-
-def check_data(checkpoint, fingerprint, data_root):
-    """A resumed run may read its data from another data_root only if it is the same data."""
-    saved = checkpoint.get('data_fingerprint') if checkpoint else None
-    if saved is not None and saved != fingerprint:
-        raise ConfigError(f"the data in {data_root} is not the data this run was trained on (its "
-                          f"batch files differ from those recorded in last.pt): point --data_root "
-                          f"at the run's data.")
-
-
 # --- evaluation ------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -626,44 +365,6 @@ def progress(items, total, label, unit):
 
 class OutputError(Exception):
     """The run could not write its outputs; the message says what was kept and what to do."""
-
-
-def kept(folder, completed, unit):
-    return (f"{folder} keeps {unit}s 1-{completed}" if completed else
-            f"no {unit} had ended yet in {folder}")
-
-
-def train_loop(folder, rows, total, step, save, line, unit, resume_hint, lists=None):
-    """Extend `rows` to `total` rows, row i being step(i). After each, save(rows) writes the
-    checkpoints (last.pt with them, all or none), then the logs and the stdout line follow, so
-    that what a run shows is never ahead of what --resume continues from. Ctrl-C ends it with
-    `Interrupted`, a non-finite loss with `Diverged`, a failed write (a full disk) with
-    `OutputError`; the last completed row's outputs stay."""
-    saved, clock = len(rows), Clock()
-    try:
-        for i in range(len(rows), total):
-            try:
-                row = step(i)
-            except Diverged:
-                raise Diverged(f"the training loss or the centers became non-finite in {unit} "
-                               f"{i + 1}; the run stopped and {folder} keeps the outputs of "
-                               f"{unit} {len(rows)}. Lower the learning rates or lambda_coef and "
-                               f"start again.") from None
-            rows.append(row)
-            save(rows)
-            saved = len(rows)
-            write_rows(folder, rows, lists)
-            clock.tick()
-            print(line(row, total, clock.left(total - len(rows))), flush=True)
-    except KeyboardInterrupt as e:
-        raise Interrupted(f"{stop_word(e)}: {kept(folder, saved, unit)}; continue with: "
-                          f"{resume_hint(folder)}", exit_status(e)) from None
-    except OSError as e:
-        raise OutputError(f"could not write the outputs of {unit} {saved + 1} "
-                          f"({describe_os_error(e, folder)}); the run stopped and "
-                          f"{kept(folder, saved, unit)}. Make room or fix the folder's "
-                          f"permissions, then continue with: {resume_hint(folder)}") from None
-    return rows
 
 
 def run_guarded(body, argv, errors, help_text=None):

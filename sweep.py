@@ -41,6 +41,7 @@ import threading
 
 import scipy.stats
 
+import runs
 import runtime
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -128,60 +129,6 @@ def run_name(run, axes):
 
 # --- the runs' folders -------------------------------------------------------------------------
 
-class Damaged(Exception):
-    """A run folder whose files cannot be read; the message says which and why."""
-
-
-def read_json_file(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except PermissionError:
-        raise Damaged(f"{path} cannot be read: permission denied") from None
-    except (OSError, ValueError) as e:
-        raise Damaged(f"{path} is not readable JSON ({e})") from None
-
-
-def read_rows(folder):
-    path = os.path.join(folder, 'metrics.jsonl')
-    if not os.path.isfile(path):
-        return []
-    rows = []
-    try:
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(json.loads(line))
-    except PermissionError:
-        raise Damaged(f"{path} cannot be read: permission denied") from None
-    except ValueError:
-        raise Damaged(f"line {number} of {path} is not JSON") from None
-    if not all(isinstance(row, dict) for row in rows):
-        raise Damaged(f"{path} holds a row that is not a JSON object")
-    return rows
-
-
-def read_config(folder):
-    cfg = read_json_file(os.path.join(folder, 'config.json'))
-    if not isinstance(cfg, dict):
-        raise Damaged(f"{os.path.join(folder, 'config.json')} is not a configuration")
-    return cfg
-
-
-def total_of(cfg):
-    """The rounds or epochs a run's configuration asks for."""
-    if 'rounds' in cfg:
-        return cfg['rounds']
-    return cfg['fp_epochs'] if cfg.get('fp') else cfg['EPOCHS']
-
-
-def status(folder):
-    """'new', 'finished' or 'killed' (a folder the script has written config.json into)."""
-    if not os.path.isfile(os.path.join(folder, 'config.json')):
-        return 'new'
-    return 'finished' if len(read_rows(folder)) >= total_of(read_config(folder)) else 'killed'
-
-
 def same_value(saved, text):
     """Whether the argument `text` asks for the value a run's config.json holds."""
     default = tuple(saved) if isinstance(saved, list) else saved
@@ -194,7 +141,7 @@ def same_value(saved, text):
 def changed_settings(folder, asked, recorded):
     """The settings of the run in `folder` that differ from the arguments `asked`: against its
     config.json, and against the arguments the sweep gave it before (`recorded`, or None)."""
-    cfg = read_config(folder)
+    cfg = runs.read_config(folder)
     changes = [f"{name} ({cfg.get(name, 'absent')!r} in its config.json, {text} now)"
                for name, text in asked.items() if name not in cfg or
                not same_value(cfg[name], text)]
@@ -204,24 +151,24 @@ def changed_settings(folder, asked, recorded):
     return changes
 
 
-def check_same_settings(sweep_dir, runs, axes, results_dir):
+def check_same_settings(sweep_dir, planned, axes, results_dir):
     """A sweep folder's existing runs must have been made with the arguments asked now, so that
     a rerun never passes old numbers off as new."""
     recorded = {}
     if os.path.isfile(os.path.join(sweep_dir, RECORD)):
         try:
-            recorded = read_json_file(os.path.join(sweep_dir, RECORD))['runs']
-        except (Damaged, KeyError, TypeError) as e:
+            recorded = runs.read_json(os.path.join(sweep_dir, RECORD))['runs']
+        except (runs.RunError, KeyError, TypeError) as e:
             raise SweepError(f"{os.path.join(sweep_dir, RECORD)} cannot be read ({e}): restore "
                              f"it or start a new --sweep name.") from None
     problems = []
-    for run in runs:
+    for run in planned:
         name = run_name(run, axes)
         folder = os.path.join(sweep_dir, name)
         if os.path.isfile(os.path.join(folder, 'config.json')):
             try:
                 changes = changed_settings(folder, arguments(run), recorded.get(name))
-            except Damaged as e:
+            except runs.RunError as e:
                 raise SweepError(f"{e}: the run {folder} cannot be checked against this sweep's "
                                  f"settings; move that folder away to run it anew.") from None
             if changes:
@@ -236,17 +183,17 @@ def check_same_settings(sweep_dir, runs, axes, results_dir):
                          f"were made with.")
 
 
-def record_runs(sweep_dir, script, runs, axes):
+def record_runs(sweep_dir, script, planned, axes):
     """sweep.json: the script and each run's arguments (earlier runs of the folder kept)."""
     path = os.path.join(sweep_dir, RECORD)
-    record = read_json_file(path) if os.path.isfile(path) else {'runs': {}}
-    record['script'] = os.path.basename(script)
-    record['runs'].update({run_name(run, axes): arguments(run) for run in runs})
-    runtime.write_json(path, record)
+    record = runs.read_json(path) if os.path.isfile(path) else {'runs': {}}
+    record.update(kind='sweep', script=os.path.basename(script))
+    record['runs'].update({run_name(run, axes): arguments(run) for run in planned})
+    runs.write_json(path, record)
 
 
 def command(script, folder, run, sweep_dir):
-    if status(folder) == 'killed':
+    if runs.status(folder) == 'killed':
         return [sys.executable, script, f'--resume={folder}']
     return [sys.executable, script, f'--results_dir={sweep_dir}',
             f'--run_name={os.path.basename(folder)}',
@@ -302,15 +249,15 @@ class Children:
             process.wait()
 
 
-def run_all(script, runs, axes, sweep_dir, jobs, threads):
+def run_all(script, planned, axes, sweep_dir, jobs, threads):
     """Run every run that is not finished, `jobs` at a time; each one's output goes to
     logs/<run name>.log in the sweep's folder. Returns the folders that failed."""
     pending = []
-    for run in runs:
+    for run in planned:
         folder = os.path.join(sweep_dir, run_name(run, axes))
         try:
-            state = status(folder)
-        except Damaged as e:
+            state = runs.status(folder)
+        except runs.RunError as e:
             print(f"{os.path.basename(folder)}: damaged ({e}); left out, not run")
             continue
         print(f"{os.path.basename(folder)}: {state}")
@@ -372,10 +319,10 @@ def run_results(folder):
     """A finished run's test accuracies at the round (epoch) chosen on validation and at the
     last: weighted, mean over clients, and per client ({client id: [accuracy, test images]}; a
     centralized run is one client). Without validation images nothing is chosen: 'selected' is
-    None. Raises Damaged for rows it cannot read."""
-    cfg, rows = read_config(folder), read_rows(folder)
+    None. Raises runs.RunError for rows it cannot read."""
+    cfg, rows = runs.read_config(folder), runs.read_rows(folder)
     try:
-        if 'rounds' in cfg:
+        if runs.kind_of(cfg) != 'centralized':
             selected = max(rows, key=lambda row: row['q_val_acc_weighted'])
 
             def accuracies(row):
@@ -394,7 +341,7 @@ def run_results(folder):
         return {'selected': None if selected is None else accuracies(selected),
                 'last': accuracies(rows[-1]), 'code': cfg.get('code')}
     except (KeyError, TypeError, IndexError) as e:
-        raise Damaged(f"{os.path.join(folder, 'metrics.jsonl')} lacks {e} in a row") from None
+        raise runs.RunError(f"{os.path.join(folder, 'metrics.jsonl')} lacks {e} in a row") from None
 
 
 def paired(results, baseline_results, when, names):
@@ -424,18 +371,18 @@ def paired(results, baseline_results, when, names):
             'weighted': mean_and_interval(weighted)}
 
 
-def summarise(sweep_dir, runs, axes, compare, baselines):
+def summarise(sweep_dir, planned, axes, compare, baselines):
     """summary.json's contents: one entry per setting (the axis values but the seed), with its
     paired differences from each of `baselines` (values of the compared axis); runs that cannot
     be read are listed as left out, with the reason, and every commit the runs ran."""
     settings, folders, left_out = {}, {}, []
-    for run in runs:
+    for run in planned:
         folder = os.path.join(sweep_dir, run_name(run, axes))
         try:
-            if status(folder) != 'finished':
+            if runs.status(folder) != 'finished':
                 continue
             result = run_results(folder)
-        except Damaged as e:
+        except runs.RunError as e:
             left_out.append({'run': os.path.basename(folder), 'reason': str(e)})
             continue
         key = tuple((name, split_value(run[name])[0]) for name in axes if name != 'seed')
@@ -526,11 +473,11 @@ def summary_markdown(summary):
     return '\n'.join(lines) + '\n'
 
 
-def write_summary(sweep_dir, runs, axes, compare, baselines):
-    summary = summarise(sweep_dir, runs, axes, compare, baselines)
-    runtime.write_json(os.path.join(sweep_dir, 'summary.json'), summary)
+def write_summary(sweep_dir, planned, axes, compare, baselines):
+    summary = summarise(sweep_dir, planned, axes, compare, baselines)
+    runs.write_json(os.path.join(sweep_dir, 'summary.json'), summary)
     table = summary_markdown(summary)
-    runtime.write_atomic(os.path.join(sweep_dir, 'summary.md'), table.encode())
+    runs.write_atomic(os.path.join(sweep_dir, 'summary.md'), table.encode())
     return table, summary
 
 
@@ -575,17 +522,17 @@ def sweep(argv):
     compare, baselines = check_options(options, grid, axes)
     jobs = positive_option(options, 'jobs', 1)
     threads = positive_option(options, 'threads', max(1, (os.cpu_count() or 1) // jobs))
-    runs = runs_of(grid)
+    planned = runs_of(grid)
     try:
         os.makedirs(sweep_dir, exist_ok=True)
     except OSError as e:
         raise SweepError(f"cannot create the sweep folder {sweep_dir} ({e.strerror}): choose a "
                          f"writable --results_dir.") from None
-    with runtime.locked(sweep_dir, 'sweep.lock', 'running the sweep in'):
-        check_same_settings(sweep_dir, runs, axes, results_dir)
-        record_runs(sweep_dir, script, runs, axes)
-        failed = run_all(os.path.abspath(script), runs, axes, sweep_dir, jobs, threads)
-        table, summary = write_summary(sweep_dir, runs, axes, compare, baselines)
+    with runs.locked(sweep_dir, 'sweep.lock', 'running the sweep in'):
+        check_same_settings(sweep_dir, planned, axes, results_dir)
+        record_runs(sweep_dir, script, planned, axes)
+        failed = run_all(os.path.abspath(script), planned, axes, sweep_dir, jobs, threads)
+        table, summary = write_summary(sweep_dir, planned, axes, compare, baselines)
     print(table)
     print(f"summary: {os.path.join(sweep_dir, 'summary.md')} and summary.json")
     if failed:

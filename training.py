@@ -1,6 +1,7 @@
-"""Algorithm 1's training on resident data, shared by both experiment scripts: the reference's
-per-epoch schedule, the weight optimizer, one epoch with QuPeD's update after every optimizer
-step, the freeze, and the evaluations the reference logs. A model's training state is a plain
+"""Algorithm 1's training on resident data, shared by both experiment scripts (and the bench):
+the reference's per-epoch schedule, the weight optimizer, one epoch with QuPeD's update after
+every optimizer step, the freeze, the evaluations the reference logs, and main_centralized.py's
+protocol from its configuration (`protocol_*`). A model's training state is a plain
 dict: `model`, `optimizer`, `scheduler`, `weights` and `centers` (None for a full-precision
 model), and `generator` (its batches' order and augmentation).
 """
@@ -184,3 +185,40 @@ def run_epoch(state, dataset, sched, batch_size, center_reg_fix=False, update=Tr
             'centers': None if centers is None else centers.tolist(),
             'members': None if members is None else members.long().tolist(),
             'train_seconds': trained - start, 'eval_seconds': time.perf_counter() - trained}
+
+
+# --- main_centralized.py's protocol, from its configuration --------------------------------------
+
+def protocol_schedule(cfg, epoch):
+    """The reference's values for 0-based `epoch` of a main_centralized.py run (schedule); with
+    SGD, lambda_coef grows x10 at every learning-rate drop, except for ResNet-8 (ALGORITHM.md,
+    Schedules)."""
+    lr_drops = sum(epoch >= m for m in cfg['lr_milestones'])
+    scale = 10 ** lr_drops if not cfg['adam'] and cfg['resn'] != 8 else 1
+    return schedule(epoch, cfg['lambda_coef'], cfg['lr2'], cfg['lr2_milestones'],
+                    cfg['freeze_epoch'], scale, quantizing=not cfg['fp'])
+
+
+def protocol_state(cfg, model, dev):
+    """The training state of `model` (on `dev`) for main_centralized.py's configuration `cfg`."""
+    optimizer, scheduler = build_optimizer(
+        model, cfg['adam'] and not cfg['fp'], cfg['weight_decay'], cfg['lr_milestones'])
+    generator = runtime.device_generator(cfg['seed'], dev)
+    try:
+        state = new_state(model, 0 if cfg['fp'] else cfg['n_centroids'], optimizer, scheduler,
+                          generator, adam_centers=cfg['adam'], l1=cfg['l1'])
+    except ValueError as e:
+        raise runtime.ConfigError(str(e)) from None
+    return {**state, 'best_acc': 0.0, 'best_q_acc': 0.0}
+
+
+QUANTIZED_KEYS = ('q_test_acc', 'q_val_acc', 'q_train_loss', 'lambda', 'lambda2', 'lr2', 'frozen',
+                  'centers', 'members')  # what a full-precision run's rows leave out
+
+
+def protocol_epoch(cfg, state, cifar, epoch):
+    """Train and evaluate 0-based `epoch` of a main_centralized.py run; returns its row."""
+    row = {'epoch': epoch + 1, **run_epoch(
+        state, cifar, protocol_schedule(cfg, epoch), cfg['BATCH_SIZE'], cfg['center_reg_fix'],
+        update=not cfg['fp'], progress=f"epoch {epoch + 1}")}
+    return {k: v for k, v in row.items() if k not in QUANTIZED_KEYS} if cfg['fp'] else row

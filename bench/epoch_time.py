@@ -1,6 +1,7 @@
 """Time whole epochs of main_centralized.py's default protocol (ResNet-20, 1 bit, batch 128, warm
 start): training plus the three evaluations a run logs, on 50,000 training and 10,000 test
-images, through the script's own functions.
+images, through the functions the script runs (training.protocol_*), with its defaults read
+from its source (the bench imports no script).
 
     python bench/epoch_time.py --data=PATH [--tile] [--device=cuda] [--epochs=3]
                                [--pretrained=PATH] [--train-images=50000] [--test-images=10000]
@@ -20,9 +21,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import main_centralized  # noqa: E402
+import resnet  # noqa: E402
 import runtime  # noqa: E402
 import training  # noqa: E402
 
@@ -44,9 +46,9 @@ def main():
     parser.add_argument('--train-images', type=int, default=TRAIN, help='with --tile')
     parser.add_argument('--test-images', type=int, default=TEST, help='with --tile')
     args = parser.parse_args()
-    cfg = {**main_centralized.DEFAULTS, 'device': args.device,
-           'data_root': args.data, 'pretrained_path': args.pretrained or
-           main_centralized.default_pretrained_path(main_centralized.DEFAULTS['resn'])}
+    defaults = runtime.script_defaults(os.path.join(ROOT, 'main_centralized.py'))
+    cfg = {**defaults, 'device': args.device, 'data_root': args.data, 'pretrained_path':
+           args.pretrained or resnet.default_pretrained_path(defaults['resn'])}
     folder = data.batches_folder(args.data)
     missing = [name for name in data.TRAIN_FILES + data.TEST_FILES
                if not os.path.isfile(os.path.join(folder, name))]
@@ -69,12 +71,15 @@ def main():
                                                    args.train_images)
         cifar['test_x'], cifar['test_y'] = tiled(cifar['test_x'], cifar['test_y'],
                                                  args.test_images)
-    state = main_centralized.initial_state(cfg, device)
+    runtime.seed_everything(cfg['seed'], device)
+    model = resnet.build(f"resnet{cfg['resn']}")
+    resnet.load_checkpoint(model, cfg['pretrained_path'], f"resnet{cfg['resn']}")
+    state = training.protocol_state(cfg, model.to(device), device)
     seconds = []
     for epoch in range(args.epochs):
         training.synchronize(device)
         start = time.perf_counter()
-        row = main_centralized.run_epoch(cfg, state, cifar, epoch)
+        row = training.protocol_epoch(cfg, state, cifar, epoch)
         training.synchronize(device)
         seconds.append(time.perf_counter() - start)
         print(f"epoch {epoch + 1}: {seconds[-1]:.2f} s ({row['train_seconds']:.2f} training, "

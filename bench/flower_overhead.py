@@ -20,6 +20,8 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, ROOT)
+import runs  # noqa: E402
 SIMULATE = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -28,11 +30,6 @@ config, cpus = json.loads(sys.argv[2]), int(sys.argv[3])
 flower_app.simulate(config, config['n_clients'],
                     backend_config={'client_resources': {'num_cpus': cpus, 'num_gpus': 0}})
 """
-
-
-def rows(folder):
-    with open(os.path.join(folder, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def timed(command, env):
@@ -67,7 +64,7 @@ def main():
     flower = timed([sys.executable, '-c', SIMULATE, ROOT,
                     json.dumps({**config, 'results_dir': f'{work}/flower'}), str(args.threads)],
                    env)
-    ours, theirs = rows(f'{work}/script/run'), rows(f'{work}/flower/run')
+    ours, theirs = runs.read_rows(f'{work}/script/run'), runs.read_rows(f'{work}/flower/run')
     strip = [[{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rs]
              for rs in (ours, theirs)]
     per_round = [sum(r['wall_seconds'] for r in rs) / len(rs) for rs in (ours, theirs)]

@@ -1,5 +1,9 @@
+import errno
+import hashlib
+import json
 import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -88,3 +92,65 @@ def assert_same_best(folder, expected):
     if theirs['global'] is not None:
         assert all(torch.equal(ours['global']['state_dict'][k], v)
                    for k, v in theirs['global']['state_dict'].items())
+
+
+# --- helpers the test files share ----------------------------------------------------------------
+
+def digests(folder):
+    """{file: sha256} of everything under `folder` (the lock file aside)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name != '.lock':
+                path = os.path.join(root, name)
+                with open(path, 'rb') as f:
+                    out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def central_args(cifar_root, tmp_path, *extra, name='run'):
+    return [f'--data_root={cifar_root}', f'--results_dir={tmp_path / "results"}',
+            f'--run_name={name}', '--resn=8', '--cold_start=True', '--EPOCHS=2',
+            '--BATCH_SIZE=50', *extra]
+
+
+def cnn_fed_args(cifar_root, tmp_path, *extra, name='fed'):
+    return [f'--data_root={cifar_root}', f'--results_dir={tmp_path / "results"}',
+            f'--run_name={name}', '--n_clients=3', '--classes_per_client=5', '--rounds=2',
+            '--BATCH_SIZE=20', '--client_archs=(cifarnet,)', '--global_arch=cifarnet', *extra]
+
+
+def rows(folder):
+    with open(os.path.join(folder, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def refuse_writes(monkeypatch, inside):
+    """Writing any file under `inside` fails as in a read-only folder (the tests run as root,
+    whom a folder's permissions do not stop)."""
+    import tempfile
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir).startswith(os.path.abspath(inside)):
+            raise PermissionError(errno.EACCES, 'Permission denied', dir)
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, 'mkstemp', mkstemp)
+
+
+def stop(child):
+    """Kill a test's subprocess by its PID if it still runs, and reap it."""
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    for stream in (child.stdout, child.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def run_folder(root, tmp_path, *extra, name='run'):
+    """A two-epoch ResNet-8 run of main_centralized.py in tmp_path; returns its folder."""
+    import main_centralized as mc
+    return mc.main([f'--data_root={root}', f'--results_dir={tmp_path}', f'--run_name={name}',
+                    '--resn=8', '--cold_start=True', '--EPOCHS=2', '--BATCH_SIZE=128',
+                    '--lambda_coef=2e-2', *extra])

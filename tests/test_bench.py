@@ -61,3 +61,11 @@ def test_flower_overhead_compares_a_simulation_with_the_in_process_run(cifar_roo
                             '--clients=2', '--rounds=1', '--arch=cifarnet'])
     assert figures['rows_equal'] is True
     assert figures['in_process_s'] > 0 and figures['flower_s'] > 0
+
+
+def test_bench_without_data_names_its_own_options(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / 'bench' / 'epoch_time.py'),
+                             f'--data={tmp_path}/none'], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert '--data=' in result.stderr and '--data_root' not in result.stderr

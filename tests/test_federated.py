@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import data
-import main_centralized as mc
 import federated
+import main_centralized as mc
 import main_federated as mf
 import resnet
+import runs
 import runtime
 import training
 import utils
-from conftest import (DEVICES, ROOT, Killed, assert_same_best, exits_with_error,
+from conftest import (DEVICES, Killed, ROOT, assert_same_best, cnn_fed_args, exits_with_error,
                       kill_after_round)
 
 TIMINGS = ('train_seconds', 'eval_seconds', 'wall_seconds')
@@ -431,7 +432,7 @@ def test_a_run_writes_its_partition_metrics_and_a_best_chosen_on_validation(cifa
         assert all(c['bytes_down'] == c['bytes_up'] == sent for c in row['clients'])
     best = max(metrics, key=lambda row: row['q_val_acc_weighted'])  # first of equals
     for client in range(4):
-        model, info = federated.load_client_model(os.path.join(folder, 'best.pt'), client)
+        model, info = runs.load_client_model(os.path.join(folder, 'best.pt'), client)
         assert info['round'] == best['round']
         test = torch.tensor(parts[client]['test_indices'])
         _, accuracy = runtime.evaluate(model, cifar['test_x'][test], cifar['test_y'][test])
@@ -449,7 +450,7 @@ def test_fedavg_reports_the_global_model_for_every_client(cifar_root, tmp_path):
         for client in row['clients']:
             assert client['q_test_acc'] == client['fp_test_acc'] == client['global_test_acc']
         assert row['q_test_acc_weighted'] == row['global_test_acc_weighted']
-    model, info = federated.load_client_model(os.path.join(folder, 'best.pt'), 2)
+    model, info = runs.load_client_model(os.path.join(folder, 'best.pt'), 2)
     assert info['arch'] == 'resnet8' and info['bits'] == 0
 
 
@@ -482,7 +483,7 @@ def test_fedavg_qft_quantizes_copies_and_leaves_the_global_model_as_fedavg_train
     a, b = (torch.load(tmp_path / 'results' / n / 'last.pt', weights_only=True)['global']
             for n in ('a', 'b'))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    model, info = federated.load_client_model(os.path.join(folder, 'best.pt'), 1)
+    model, info = runs.load_client_model(os.path.join(folder, 'best.pt'), 1)
     assert info['bits'] == 2 and info['centers'].shape == (6, 4)
     names = torch.load(os.path.join(folder, 'best.pt'), weights_only=True)['clients'][1][
         'quantized_names']
@@ -782,3 +783,29 @@ def test_an_algorithm_added_as_one_record_runs_end_to_end(cifar_root, tmp_path, 
                for k, v in initial.items())
     assert plot.model_label({'algorithm': 'frozen_global'}) == 'untrained global model'
     assert plot.plot_run(folder)
+
+
+# --- warm starts of the models -------------------------------------------------------------------
+
+def test_a_federated_warm_start_that_fits_no_model_is_an_error(cifar_root, tmp_path, capsys):
+    torch.save(resnet.build('resnet20').state_dict(), tmp_path / 'r20.pt')
+    exits_with_error(capsys, mf.main, cnn_fed_args(cifar_root, tmp_path, '--cold_start=False',
+                                               f'--pretrained_path={tmp_path}/r20.pt'),
+                     'is a resnet20', 'cifarnet', '--cold_start=True')
+    assert not (tmp_path / 'results').exists()
+
+
+def test_a_federated_warm_start_says_which_models_it_loads(cifar_root, tmp_path, capsys):
+    torch.save(resnet.build('cifarnet').state_dict(), tmp_path / 'cnet.pt')
+    mf.main(cnn_fed_args(cifar_root, tmp_path, '--cold_start=False', '--rounds=1',
+                     f'--pretrained_path={tmp_path}/cnet.pt'))
+    assert f'every cifarnet warm-started from {tmp_path}/cnet.pt' in capsys.readouterr().out
+
+
+# --- configuration errors ------------------------------------------------------------------------
+
+def test_a_dirichlet_split_with_too_many_clients_does_not_blame_the_batch_size(
+        cifar_root, tmp_path, capsys):
+    message = exits_with_error(capsys, mf.main, cnn_fed_args(
+        cifar_root, tmp_path, '--partition=dirichlet', '--n_clients=150'), 'validation image')
+    assert 'BATCH_SIZE' not in message

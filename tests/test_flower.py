@@ -120,7 +120,11 @@ def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, t
         with open(folder / name) as f, open(os.path.join(expected, name)) as g:
             configs.append((json.load(f), json.load(g)))
     (flower_cfg, script_cfg), (flower_parts, script_parts) = configs
-    assert {**flower_cfg, 'results_dir': ''} == {**script_cfg, 'results_dir': ''}
+    assert (flower_cfg['kind'], script_cfg['kind']) == ('flower', 'federated')
+    assert {torch.load(folder / f, weights_only=True)['kind'] for f in ('best.pt', 'last.pt')} == {
+        'flower'}
+    assert ({**flower_cfg, 'results_dir': '', 'kind': ''} ==
+            {**script_cfg, 'results_dir': '', 'kind': ''})
     assert flower_parts == script_parts
     assert_same_best(folder, expected)
 

@@ -1,48 +1,33 @@
 """main_centralized.py and data.py: overrides, schedules, data, outputs, resume, bad input."""
-import hashlib
 import json
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import data
+import export
 import main_centralized as mc
+import main_federated as mf
+import plot
 import resnet
+import runs
 import runtime
 import training
 import utils
-from conftest import (DEVICES, MINI, NO_CUDA, PRETRAINED, ROOT, exits_with_error, needs,
-                      write_batch)
+from conftest import (DEVICES, MINI, NO_CUDA, PRETRAINED, ROOT, central_args, cnn_fed_args, digests,
+                      exits_with_error, needs, rows, stop, write_batch)
 
 TIMINGS = ('train_seconds', 'eval_seconds')
 
 
-def run_args(cifar_root, tmp_path, *extra, name='run'):
-    return [f'--data_root={cifar_root}', f'--results_dir={tmp_path / "results"}',
-            f'--run_name={name}', '--resn=8', '--cold_start=True', '--EPOCHS=2',
-            '--BATCH_SIZE=50', *extra]
-
-
-def rows(folder):
-    with open(os.path.join(folder, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
 def without_timings(metrics):
     return [{k: v for k, v in row.items() if k not in TIMINGS} for row in metrics]
-
-
-def digests(folder):
-    return {name: hashlib.sha256(open(os.path.join(folder, name), 'rb').read()).hexdigest()
-            for name in sorted(os.listdir(folder))}
 
 
 def fails_with(capsys, argv, *phrases):
@@ -85,115 +70,10 @@ def test_defaults_are_the_papers_headline_setting():
     assert d['center_reg_fix'] is False
 
 
-# --- schedules -------------------------------------------------------------------------------
-
-def cfg_with(**changes):
-    return {**mc.DEFAULTS, **changes}
-
-
-@pytest.mark.parametrize('epoch, lam, lam2, lr2, frozen', [
-    (0, 1e-4, 1e-4, 1e-4, False), (79, 8e-3, 8e-3, 1e-4, False), (80, 8.1e-3, 8.1e-3, 1e-5, False),
-    (139, 1.4e-2, 1.4e-2, 1e-5, False), (140, 1.41e-2, 1.41e-2, 1e-6, False),
-    (198, 1.99e-2, 1.99e-2, 1e-6, False), (199, 2e-2, 0, 1e-6, True),
-    (200, 2.01e-2, 0, 1e-6, True), (249, 2.5e-2, 0, 1e-6, True)])
-def test_default_schedule_by_hand(epoch, lam, lam2, lr2, frozen):
-    s = mc.schedule(cfg_with(), epoch)
-    assert (s['lam'], s['lam2'], s['lr2'], s['frozen']) == (
-        pytest.approx(lam), pytest.approx(lam2), pytest.approx(lr2), frozen)
-    assert s['freeze_now'] == (epoch == 199)
-
-
-@pytest.mark.parametrize('epoch, lam', [(99, 1e-2), (100, 1e-3 * 101), (149, 1e-3 * 150),
-                                        (150, 1e-2 * 151)])
-def test_sgd_lambda_grows_tenfold_at_each_learning_rate_drop(epoch, lam):
-    assert mc.schedule(cfg_with(adam=False), epoch)['lam'] == pytest.approx(lam)
-    assert mc.schedule(cfg_with(adam=False, resn=8), epoch)['lam'] == pytest.approx(
-        1e-4 * (epoch + 1))  # not for ResNet-8
-
-
-def test_lambda_drops_follow_the_optimizers_learning_rate():
-    cfg = cfg_with(adam=False, lr_milestones=(3, 5))
-    optimizer, scheduler = training.build_optimizer(resnet.build('resnet8'), adam=False,
-                                                    lr_milestones=cfg['lr_milestones'])
-    for epoch in range(7):
-        drops = round(math.log10(training.SGD_LR / optimizer.param_groups[0]['lr']))
-        assert mc.schedule(cfg, epoch)['lam'] == pytest.approx(1e-4 * 10 ** drops * (epoch + 1))
-        optimizer.step()  # no gradients: only keeps the scheduler's order check quiet
-        scheduler.step()
-    assert drops == 2
-
-
-def test_custom_milestones_freeze_and_fixed_centers():
-    cfg = cfg_with(lr2_milestones=(10, 17), freeze_epoch=25, EPOCHS=30)
-    lr2 = [mc.schedule(cfg, e)['lr2'] for e in range(30)]
-    assert lr2[9] == pytest.approx(1e-4) and lr2[10] == pytest.approx(1e-5)
-    assert lr2[17] == pytest.approx(1e-6) and lr2[29] == pytest.approx(1e-6)
-    assert [e for e in range(30) if mc.schedule(cfg, e)['freeze_now']] == [24]
-    assert not any(mc.schedule(cfg_with(freeze_epoch=300), e)['frozen'] for e in range(250))
-    assert {mc.schedule(cfg_with(lr2=0.0), e)['lr2'] for e in range(250)} == {0.0}
-
-
-# --- data ------------------------------------------------------------------------------------
-
-def test_loads_a_small_set_in_the_standard_format(cifar_root):
-    cifar = data.load_cifar10(cifar_root, 'cpu')
-    assert cifar['train_x'].shape == (200, 3, 32, 32) and cifar['train_x'].dtype == torch.uint8
-    assert cifar['test_y'].shape == (40,)
-    with open(cifar_root / 'cifar-10-batches-py' / 'data_batch_2', 'rb') as f:
-        raw = pickle.load(f)
-    assert torch.equal(cifar['train_x'][40:80].reshape(40, -1), torch.as_tensor(raw['data']))
-    assert cifar['train_y'][40:80].tolist() == raw['labels']
-
-
-def test_augmentation_keeps_labels_paired_and_crops_inside_the_padding():
-    labels = torch.arange(64) % 10
-    images = (labels + 1).to(torch.uint8).view(64, 1, 1, 1).expand(64, 3, 32, 32).contiguous()
-    cifar = {'train_x': images, 'train_y': labels}
-    generator = torch.Generator().manual_seed(0)
-    offsets = set()
-    for x, y in data.train_batches(cifar, 16, generator):
-        raw = torch.round(x * torch.tensor(data.STD).view(1, 3, 1, 1) * 255
-                          + torch.tensor(data.MEAN).view(1, 3, 1, 1) * 255)
-        for image, label in zip(raw, y):
-            inside = image != 0  # padding is zero; every image pixel is label + 1
-            assert set(image[inside].tolist()) == {label.item() + 1}
-            rows, cols = inside[0].any(1).nonzero(), inside[0].any(0).nonzero()
-            assert len(rows) >= 28 and len(cols) >= 28  # at most 4 padded rows / columns
-            assert inside[0].sum() == len(rows) * len(cols)  # one rectangle
-            offsets.add((rows[0].item() - (32 - len(rows)), cols[0].item()))
-    assert len(offsets) > 10  # the crops do vary
-
-
-@pytest.mark.parametrize('device', [pytest.param('cuda', marks=NO_CUDA)])
-def test_augmentation_on_the_device_equals_the_cpus(device):
-    """The same crops and flips give the same pixels on the GPU; normalisation agrees to 4
-    float32 ulps of its largest values (about 2.7), though IEEE division should give 0."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8)
-    dy, dx = (torch.randint(0, 9, (64, 1), generator=generator) for _ in range(2))
-    flip = torch.rand(64, 1, generator=generator) < 0.5
-    on_cpu = data.crop_and_flip(images, dy, dx, flip)
-    on_device = data.crop_and_flip(images.to(device), dy.to(device), dx.to(device),
-                                   flip.to(device))
-    assert torch.equal(on_device.cpu(), on_cpu)
-    assert torch.allclose(data.normalize(on_device).cpu(), data.normalize(on_cpu), rtol=0,
-                          atol=1e-6)
-
-
-def test_augmentation_flips_horizontally():
-    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-    image[..., :16] = 200  # left half bright
-    seen = set()
-    for seed in range(20):
-        out = data.augment(image, torch.Generator().manual_seed(seed))
-        seen.add(bool(out[0, 0, 16, 8] == 200))  # left-middle pixel: bright unless flipped
-    assert seen == {True, False}
-
-
 # --- a whole run -----------------------------------------------------------------------------
 
 def test_two_epoch_run_writes_every_output(cifar_root, tmp_path, capsys):
-    folder = mc.main(run_args(cifar_root, tmp_path))
+    folder = mc.main(central_args(cifar_root, tmp_path))
     out = capsys.readouterr().out
     assert 'device: cpu' in out and 'data: 200 training and 40 test images' in out
     assert out.count('epoch ') >= 2 and '"EPOCHS": 2' in out
@@ -216,15 +96,15 @@ def test_two_epoch_run_writes_every_output(cifar_root, tmp_path, capsys):
     with open(os.path.join(folder, 'config.json')) as f:
         assert json.load(f)['EPOCHS'] == 2
     best_q = torch.load(os.path.join(folder, 'best_quantized.pt'), weights_only=True)
-    assert set(best_q) == {'state_dict', 'centers', 'config', 'epoch', 'metrics', 'quantized',
-                           'quantized_names'}
+    assert set(best_q) == {'kind', 'file', 'state_dict', 'centers', 'config', 'epoch', 'metrics',
+                           'quantized', 'quantized_names'}
     assert best_q['quantized'] is True and len(best_q['quantized_names']) == 6
     assert best_q['config']['n_centroids'] == 2
 
 
 def test_best_quantized_checkpoint_reproduces_its_logged_accuracy(cifar_root, tmp_path, capsys):
-    folder = mc.main(run_args(cifar_root, tmp_path))
-    model, info = mc.load_model(os.path.join(folder, 'best_quantized.pt'))
+    folder = mc.main(central_args(cifar_root, tmp_path))
+    model, info = runs.load_model(os.path.join(folder, 'best_quantized.pt'))
     best = max(rows(folder), key=lambda row: row['q_test_acc'])
     assert info['epoch'] == best['epoch'] and info['config']['resn'] == 8
     cifar = data.load_cifar10(cifar_root, 'cpu')
@@ -241,21 +121,21 @@ def test_best_quantized_checkpoint_reproduces_its_logged_accuracy(cifar_root, tm
 
 @pytest.mark.parametrize('device', DEVICES)
 def test_same_seed_same_numbers(cifar_root, tmp_path, device):
-    a = mc.main(run_args(cifar_root, tmp_path, f'--device={device}', name='a'))
-    b = mc.main(run_args(cifar_root, tmp_path, f'--device={device}', name='b'))
+    a = mc.main(central_args(cifar_root, tmp_path, f'--device={device}', name='a'))
+    b = mc.main(central_args(cifar_root, tmp_path, f'--device={device}', name='b'))
     assert without_timings(rows(a)) == without_timings(rows(b))
 
 
 def test_fp_run_saves_a_warm_start_that_loads(cifar_root, tmp_path, capsys):
     target = tmp_path / 'pretrained' / 'mine.pt'
-    mc.main(run_args(cifar_root, tmp_path, '--fp=True', '--fp_epochs=1', '--save_pretrained=True',
-                     f'--pretrained_path={target}', name='fp'))
+    mc.main(central_args(cifar_root, tmp_path, '--fp=True', '--fp_epochs=1',
+                         '--save_pretrained=True', f'--pretrained_path={target}', name='fp'))
     assert rows(tmp_path / 'results' / 'fp')[0]['lr1'] == training.SGD_LR
-    folder = mc.main(run_args(cifar_root, tmp_path, '--cold_start=False', '--EPOCHS=1',
+    folder = mc.main(central_args(cifar_root, tmp_path, '--cold_start=False', '--EPOCHS=1',
                               f'--pretrained_path={target}', name='warm'))
     assert f'warm start from {target}' in capsys.readouterr().out
     assert len(rows(folder)) == 1
-    fails_with(capsys, run_args(cifar_root, tmp_path, '--fp=True', '--save_pretrained=True',
+    fails_with(capsys, central_args(cifar_root, tmp_path, '--fp=True', '--save_pretrained=True',
                                 f'--pretrained_path={target}', name='again'), 'overwrite')
 
 
@@ -283,7 +163,7 @@ def killed_after(function, epochs, rows_arg):
 def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, tmp_path,
                                                                     monkeypatch, device):
     args = (*RESUME_ARGS, f'--device={device}')
-    whole = mc.main(run_args(cifar_root, tmp_path, *args, name='whole'))
+    whole = mc.main(central_args(cifar_root, tmp_path, *args, name='whole'))
     expected = without_timings(rows(whole))
     assert [row['frozen'] for row in expected] == [False, False, True, True]
 
@@ -299,14 +179,13 @@ def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, t
     kills = {  # name: (module, attribute, replacement, metrics.jsonl rows left by the kill)
         'after_last_pt': (mc, 'save', killed_after(mc.save, 1, rows_arg=3), 0),
         'after_the_freeze': (mc, 'save', killed_after(mc.save, 3, rows_arg=3), 2),
-        'after_first_row': (runtime, 'write_rows',
-                            killed_after(runtime.write_rows, 1, rows_arg=1), 1),
+        'after_first_row': (runs, 'write_rows', killed_after(runs.write_rows, 1, rows_arg=1), 1),
         'mid_epoch': (utils, 'quped_update', killed_in_epoch_2, 1)}
     for name, (module, attribute, replacement, rows_left) in kills.items():
         with monkeypatch.context() as patch:
             patch.setattr(module, attribute, replacement)
             with pytest.raises(Killed):
-                mc.main(run_args(cifar_root, tmp_path, *args, name=name))
+                mc.main(central_args(cifar_root, tmp_path, *args, name=name))
         folder = tmp_path / 'results' / name
         shown = rows(folder) if (folder / 'metrics.jsonl').exists() else []
         assert len(shown) == rows_left
@@ -327,16 +206,6 @@ def test_resume_after_a_kill_at_any_point_reproduces_the_whole_run(cifar_root, t
                 assert json.load(f) == [row[key] for row in expected]
 
 
-def stop(child):
-    """Kill a test's subprocess by its PID if it still runs, and reap it."""
-    if child.poll() is None:
-        os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    for stream in (child.stdout, child.stderr):
-        if stream is not None:
-            stream.close()
-
-
 SIGINT_RUN = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -349,7 +218,7 @@ def test_ctrl_c_names_the_resume_command_and_keeps_the_last_epoch(cifar_root, tm
     """SIGINT to a real run in its second epoch: one line that names the folder and the
     command, exit status 130, the first epoch's outputs intact, and the resumed run equal to an
     uninterrupted one."""
-    args = run_args(cifar_root, tmp_path, '--EPOCHS=3', name='interrupted')
+    args = central_args(cifar_root, tmp_path, '--EPOCHS=3', name='interrupted')
     child = subprocess.Popen([sys.executable, '-c', SIGINT_RUN, str(ROOT), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -368,7 +237,7 @@ def test_ctrl_c_names_the_resume_command_and_keeps_the_last_epoch(cifar_root, tm
     kept = rows(folder)
     assert [row['epoch'] for row in kept] == [1]
     mc.main([f'--resume={folder}'])
-    whole = mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=3', name='whole'))
+    whole = mc.main(central_args(cifar_root, tmp_path, '--EPOCHS=3', name='whole'))
     assert without_timings(rows(folder)) == without_timings(rows(whole))
 
 
@@ -379,18 +248,18 @@ def test_ctrl_c_in_the_first_epoch_resumes_from_the_start(cifar_root, tmp_path, 
     with monkeypatch.context() as patch:
         patch.setattr(utils, 'quped_update', interrupt)
         with pytest.raises(SystemExit) as exit_info:
-            mc.main(run_args(cifar_root, tmp_path, name='early'))
+            mc.main(central_args(cifar_root, tmp_path, name='early'))
     assert exit_info.value.code == runtime.INTERRUPTED
     folder = tmp_path / 'results' / 'early'
     assert 'no epoch had ended yet' in capsys.readouterr().err
     assert sorted(os.listdir(folder)) == ['.lock', 'config.json']
     mc.main([f'--resume={folder}'])
-    whole = mc.main(run_args(cifar_root, tmp_path, name='whole'))
+    whole = mc.main(central_args(cifar_root, tmp_path, name='whole'))
     assert without_timings(rows(folder)) == without_timings(rows(whole))
 
 
 def test_resume_refuses_changed_hyperparameters_and_missing_runs(cifar_root, tmp_path, capsys):
-    folder = mc.main(run_args(cifar_root, tmp_path))
+    folder = mc.main(central_args(cifar_root, tmp_path))
     before = digests(folder)
     fails_with(capsys, [f'--resume={folder}', '--lambda_coef=1e-3'], 'lambda_coef',
                'keeps its configuration')
@@ -398,50 +267,6 @@ def test_resume_refuses_changed_hyperparameters_and_missing_runs(cifar_root, tmp
     assert digests(folder) == before
     mc.main([f'--resume={folder}', '--EPOCHS=3'])  # extending a run is allowed
     assert [row['epoch'] for row in rows(folder)] == [1, 2, 3]
-
-
-# --- atomic writes ---------------------------------------------------------------------------
-
-def test_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / 'log.txt'
-    runtime.write_atomic(path, b'first')
-
-    def broken_replace(*args):
-        raise OSError('disk full')
-    monkeypatch.setattr(os, 'replace', broken_replace)
-    with pytest.raises(OSError):
-        runtime.write_atomic(path, b'second')
-    assert path.read_bytes() == b'first' and os.listdir(tmp_path) == ['log.txt']
-
-
-WRITER = """
-import sys, hashlib
-sys.path.insert(0, sys.argv[1])
-import runtime
-import training
-i = 0
-while True:
-    payload = str(i).encode() * 2_000_000
-    runtime.write_atomic(sys.argv[2], hashlib.sha256(payload).hexdigest().encode() + payload)
-    if i == 0:
-        print('written', flush=True)
-    i += 1
-"""
-
-
-def test_a_kill_mid_write_leaves_a_complete_file(tmp_path):
-    path = tmp_path / 'metrics.jsonl'
-    for delay in (0.05, 0.23, 0.41):
-        child = subprocess.Popen([sys.executable, '-c', WRITER, str(ROOT), str(path)],
-                                 stdout=subprocess.PIPE)
-        try:
-            assert child.stdout.readline() == b'written\n'
-            time.sleep(delay)
-        finally:
-            stop(child)
-        content = path.read_bytes()
-        digest, payload = content[:64], content[64:]
-        assert hashlib.sha256(payload).hexdigest().encode() == digest
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -468,14 +293,14 @@ def test_cuda_asked_for_without_a_gpu(capsys):
 
 def test_bad_checkpoints(cifar_root, tmp_path, capsys):
     warm = ['--cold_start=False', '--resn=20']
-    fails_with(capsys, run_args(cifar_root, tmp_path, *warm,
+    fails_with(capsys, central_args(cifar_root, tmp_path, *warm,
                                 f'--pretrained_path={tmp_path}/none.pt'),
                f'{tmp_path}/none.pt', 'does not exist', '--cold_start=True')
     (tmp_path / 'junk.pt').write_bytes(b'\x80\x02garbage')
-    fails_with(capsys, run_args(cifar_root, tmp_path, *warm,
+    fails_with(capsys, central_args(cifar_root, tmp_path, *warm,
                                 f'--pretrained_path={tmp_path}/junk.pt'), 'damaged')
     torch.save(resnet.build('resnet32').state_dict(), tmp_path / 'r32.pt')
-    fails_with(capsys, run_args(cifar_root, tmp_path, *warm,
+    fails_with(capsys, central_args(cifar_root, tmp_path, *warm,
                                 f'--pretrained_path={tmp_path}/r32.pt'),
                'does not fit resnet20', 'looks like a resnet32')
     assert not (tmp_path / 'results').exists()  # no run folder for a run that never started
@@ -510,10 +335,10 @@ def test_warm_start_from_an_akamaster_style_file_trains(tmp_path, capsys):
 
 def test_offline_download_of_the_warm_start_explains_what_to_do(cifar_root, tmp_path, capsys,
                                                                monkeypatch):
-    name, _, digest = mc.PUBLISHED[20]
-    monkeypatch.setitem(mc.PUBLISHED, 20, (name, 'http://127.0.0.1:9/resnet20.pt', digest))
-    monkeypatch.setattr(mc, 'PRETRAINED_DIR', str(tmp_path / 'pretrained'))
-    fails_with(capsys, run_args(cifar_root, tmp_path, '--cold_start=False', '--resn=20'),
+    name, _, digest = resnet.PUBLISHED[20]
+    monkeypatch.setitem(resnet.PUBLISHED, 20, (name, 'http://127.0.0.1:9/resnet20.pt', digest))
+    monkeypatch.setattr(resnet, 'PRETRAINED_DIR', str(tmp_path / 'pretrained'))
+    fails_with(capsys, central_args(cifar_root, tmp_path, '--cold_start=False', '--resn=20'),
                'could not be downloaded from http://127.0.0.1:9/resnet20.pt',
                str(tmp_path / 'pretrained' / name), digest)
     assert not (tmp_path / 'pretrained' / name).exists()
@@ -521,7 +346,7 @@ def test_offline_download_of_the_warm_start_explains_what_to_do(cifar_root, tmp_
 
 def test_offline_download_of_cifar10_explains_what_to_do(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, 'URL', 'http://127.0.0.1:9/cifar-10-python.tar.gz')
-    fails_with(capsys, run_args(tmp_path / 'empty', tmp_path),
+    fails_with(capsys, central_args(tmp_path / 'empty', tmp_path),
                'could not be downloaded from http://127.0.0.1:9/cifar-10-python.tar.gz',
                str(tmp_path / 'empty'), 'tar xzf')
 
@@ -530,43 +355,43 @@ def test_incomplete_or_malformed_data(cifar_root, tmp_path, capsys):
     folder = cifar_root / 'cifar-10-batches-py'
     batch3 = (folder / 'data_batch_3').read_bytes()
     (folder / 'data_batch_3').unlink()
-    fails_with(capsys, run_args(cifar_root, tmp_path), 'lacks data_batch_3')
+    fails_with(capsys, central_args(cifar_root, tmp_path), 'lacks data_batch_3')
     write_batch(folder / 'data_batch_3', np.zeros((40, 3, 16, 16), np.uint8), [0] * 40)
-    fails_with(capsys, run_args(cifar_root, tmp_path), 'data_batch_3 is malformed')
+    fails_with(capsys, central_args(cifar_root, tmp_path), 'data_batch_3 is malformed')
     (folder / 'data_batch_3').write_bytes(batch3[:1000])
-    fails_with(capsys, run_args(cifar_root, tmp_path), 'data_batch_3 is not a readable')
+    fails_with(capsys, central_args(cifar_root, tmp_path), 'data_batch_3 is not a readable')
 
 
 def test_data_root_that_is_a_file(tmp_path, capsys):
     (tmp_path / 'cifar.tar.gz').write_bytes(b'not a folder')
-    fails_with(capsys, run_args(tmp_path / 'cifar.tar.gz', tmp_path), 'is a file, not a folder',
+    fails_with(capsys, central_args(tmp_path / 'cifar.tar.gz', tmp_path), 'is a file, not a folder',
                '--data_root')
     assert sorted(os.listdir(tmp_path)) == ['cifar.tar.gz']
 
 
 @pytest.mark.parametrize('batch_size', [1])
 def test_batch_size_with_no_trainable_batch(cifar_root, tmp_path, capsys, batch_size):
-    fails_with(capsys, run_args(cifar_root, tmp_path, f'--BATCH_SIZE={batch_size}'),
+    fails_with(capsys, central_args(cifar_root, tmp_path, f'--BATCH_SIZE={batch_size}'),
                f'BATCH_SIZE={batch_size} leaves no batch', 'BatchNorm')
     assert not (tmp_path / 'results').exists()
 
 
 def test_existing_run_folder_is_never_overwritten(cifar_root, tmp_path, capsys):
-    folder = mc.main(run_args(cifar_root, tmp_path))
+    folder = mc.main(central_args(cifar_root, tmp_path))
     before = digests(folder)
-    fails_with(capsys, run_args(cifar_root, tmp_path), 'already holds a run', '--resume=')
+    fails_with(capsys, central_args(cifar_root, tmp_path), 'already holds a run', '--resume=')
     assert digests(folder) == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(cifar_root, tmp_path, capsys,
                                                              monkeypatch):
-    real_schedule = mc.schedule
+    real_schedule = training.protocol_schedule
 
     def exploding_from_epoch_2(cfg, epoch):
         s = real_schedule(cfg, epoch)
         return {**s, 'lr2': math.inf} if epoch >= 1 else s
-    monkeypatch.setattr(mc, 'schedule', exploding_from_epoch_2)
-    message = fails_with(capsys, run_args(cifar_root, tmp_path, '--EPOCHS=3'))
+    monkeypatch.setattr(training, 'protocol_schedule', exploding_from_epoch_2)
+    message = fails_with(capsys, central_args(cifar_root, tmp_path, '--EPOCHS=3'))
     assert 'non-finite in epoch 2' in message and 'outputs of epoch 1' in message
     folder = tmp_path / 'results' / 'run'
     assert [row['epoch'] for row in rows(folder)] == [1]
@@ -574,52 +399,63 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_epoch(cifar_root, tmp_pat
     assert last['epoch'] == 1 and torch.isfinite(last['centers']).all()
 
 
-# --- the schedule after the freeze, frozen layers, and the variants of a run ----------------------
-
-def test_lr2_after_the_freeze_is_the_references_1e_6_whatever_the_start_value():
-    """lr2 1e-2 with a drop at epoch 3 and the freeze at epoch 5 (1-based): 1e-2, then 1e-3,
-    then 1e-6 from the epoch after the freeze epoch on (not 1e-2 / 100)."""
-    got = [training.schedule(e, 1e-4, 1e-2, (3,), freeze_epoch=5)['lr2'] for e in range(8)]
-    assert got == pytest.approx([1e-2] * 3 + [1e-3] * 3 + [1e-6] * 2)
-
-
-def test_frozen_layers_are_left_alone_by_the_optimizer(cifar_root):
-    torch.manual_seed(0)
-    model = resnet.build('resnet8')
-    optimizer, scheduler = training.build_optimizer(model, adam=True)
-    state = training.new_state(model, 2, optimizer, scheduler, torch.Generator(), True)
-    frozen = training.schedule(4, 1e-4, 1e-4, (), freeze_epoch=3)
-    training.start_epoch(state, frozen)
-    weights = state['weights']
-    quantized_before = weights.flat()
-    rest_before = {k: v.clone() for k, v in model.state_dict().items() if k not in weights.names}
-    dataset = data.load_cifar10(cifar_root, 'cpu')
-    training.train_epoch(state, dataset, 50, frozen, update=False)  # optimizer steps only
-    assert torch.equal(weights.flat(), quantized_before)
-    assert any(not torch.equal(model.state_dict()[k], v) for k, v in rest_before.items()
-               if v.is_floating_point())
+# --- the variants of a run ---------------------------------------------------------------------
 
 
 def test_whole_runs_with_l2_fixed_centers_and_weight_decay(cifar_root, tmp_path):
-    base = rows(mc.main(run_args(cifar_root, tmp_path, '--lambda_coef=1e-2', name='l1')))
-    l2 = rows(mc.main(run_args(cifar_root, tmp_path, '--lambda_coef=1e-2', '--l1=False',
+    base = rows(mc.main(central_args(cifar_root, tmp_path, '--lambda_coef=1e-2', name='l1')))
+    l2 = rows(mc.main(central_args(cifar_root, tmp_path, '--lambda_coef=1e-2', '--l1=False',
                                '--n_centroids=4', name='l2')))
     assert all(math.isfinite(r['train_loss']) for r in l2)
     assert all(row == sorted(row) for r in l2 for row in r['centers'])
     assert l2[0]['centers'] != l2[1]['centers'] and l2[-1]['q_test_acc'] >= 0
-    fixed = rows(mc.main(run_args(cifar_root, tmp_path, '--lr2=0', name='fixed')))
+    fixed = rows(mc.main(central_args(cifar_root, tmp_path, '--lr2=0', name='fixed')))
     assert all(row == [-1.0, 1.0] for r in fixed for row in r['centers'])  # ProxQuant's +-1
     assert fixed != base
-    decayed = mc.main(run_args(cifar_root, tmp_path, '--adam=False', '--weight_decay=5e-4',
+    decayed = mc.main(central_args(cifar_root, tmp_path, '--adam=False', '--weight_decay=5e-4',
                                name='decayed'))
-    plain = mc.main(run_args(cifar_root, tmp_path, '--adam=False', name='plain'))
+    plain = mc.main(central_args(cifar_root, tmp_path, '--adam=False', name='plain'))
     last = torch.load(os.path.join(decayed, 'last.pt'), weights_only=True)
     assert last['optimizer']['param_groups'][0]['weight_decay'] == 5e-4
     assert without_timings(rows(decayed)) != without_timings(rows(plain))
 
 
 def test_a_run_with_the_released_regulariser_sign_says_what_it_does(cifar_root, tmp_path, capsys):
-    mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=1', name='released'))
+    mc.main(central_args(cifar_root, tmp_path, '--EPOCHS=1', name='released'))
     assert 'center_reg_fix=False keeps the released' in capsys.readouterr().out
-    mc.main(run_args(cifar_root, tmp_path, '--EPOCHS=1', '--center_reg_fix=True', name='fixed'))
+    mc.main(central_args(cifar_root, tmp_path, '--EPOCHS=1', '--center_reg_fix=True', name='fixed'))
     assert 'center_reg_fix=False' not in capsys.readouterr().out
+
+
+# --- full-precision runs -------------------------------------------------------------------------
+
+def test_a_full_precision_run_writes_no_quantized_outputs(cifar_root, tmp_path, capsys):
+    folder = mc.main(central_args(cifar_root, tmp_path, '--fp=True', '--fp_epochs=1'))
+    out = capsys.readouterr().out
+    assert sorted(os.listdir(folder)) == ['.lock', 'best_fp.pt', 'config.json', 'last.pt',
+                                          'metrics.jsonl', 'test.txt', 'train.txt']
+    line = next(line for line in out.splitlines() if line.startswith('epoch '))
+    assert 'lambda' not in line and 'lr2' not in line and 'quantized' not in line
+    assert not any(k.startswith('q_') or k in ('centers', 'lambda') for k in rows(folder)[0])
+    exits_with_error(capsys, export.main, [os.path.join(folder, 'best_fp.pt')],
+                     'full-precision run')
+    written = plot.plot_run(folder)
+    assert [os.path.basename(p) for p in written] == ['accuracy.png', 'loss.png']
+    cfg, _ = plot.read_run(folder)
+    assert 'full precision' in plot.run_title(folder, cfg) and 'n=' not in plot.run_title(
+        folder, cfg)
+
+
+# --- what a user watches -------------------------------------------------------------------------
+
+def test_console_lines_are_short_and_labelled(cifar_root, tmp_path, capsys):
+    mc.main(central_args(cifar_root, tmp_path, '--lr2=1.5e-4'))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith('epoch ')]
+    assert all(len(line) < 160 for line in lines)
+    assert all(' train ' in line and 's eval ' in line for line in lines)
+    assert 'lr2 1.5e-04' in lines[0] and 'quirk 5' in out
+    mf.main(cnn_fed_args(cifar_root, tmp_path, '--algorithm=fedavg'))
+    fed_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('round')]
+    assert fed_lines and all('global model acc' in line and 'personalised' not in line
+                             for line in fed_lines)

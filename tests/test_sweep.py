@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import main_federated as mf
+import runs
 import runtime
 import sweep
-from conftest import ROOT, Killed, exits_with_error, kill_after_round
+from conftest import Killed, ROOT, exits_with_error, kill_after_round
 
 
 @pytest.mark.parametrize('df, quantile', [(1, 12.7062), (2, 4.3027), (5, 2.5706),
@@ -164,7 +165,7 @@ def test_a_damaged_run_is_named_as_left_out(tmp_path, capsys):
             '--seed=1', '--seed=2', '--seed=3', '--algorithm=quped', '--algorithm=local',
             '--rounds=2', '--baseline=local']
     message = exits_with_error(capsys, sweep.main, argv, 'seed=2,algorithm=quped',
-                               'is not JSON', 'leaves out 1 runs')
+                               'is not a JSON object', 'leaves out 1 runs')
     summary = json.loads((tmp_path / 's' / 'summary.json').read_text())
     assert summary['left_out'][0]['run'] == 'seed=2,algorithm=quped'
     quped = next(e for e in summary['settings'] if e['setting'] == {'algorithm': 'quped'})
@@ -197,7 +198,7 @@ def test_a_full_precision_centralized_run_is_summarised_on_its_own_accuracy(tmp_
     rows = [{'epoch': 1, 'val_acc': 0.5, 'test_acc': 0.4},
             {'epoch': 2, 'val_acc': 0.3, 'test_acc': 0.6}]
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    assert sweep.status(folder) == 'finished'
+    assert runs.status(folder) == 'finished'
     result = sweep.run_results(folder)
     assert result['selected']['weighted'] == 0.4 and result['selected']['round'] == 1
     assert result['last']['mean'] == 0.6
@@ -254,9 +255,9 @@ def test_a_sweep_resumes_a_killed_run_and_skips_a_finished_one(cifar_root, tmp_p
     out = capsys.readouterr().out
     assert 'seed=1: new' in out and 'seed=2: killed' in out
     without = [{k: v for k, v in row.items() if not k.endswith('seconds')}
-               for row in sweep.read_rows(sweep_dir / 'seed=2')]
+               for row in runs.read_rows(sweep_dir / 'seed=2')]
     assert without == [{k: v for k, v in row.items() if not k.endswith('seconds')}
-                       for row in sweep.read_rows(whole)]
+                       for row in runs.read_rows(whole)]
     finished = (sweep_dir / 'seed=1' / 'metrics.jsonl').stat().st_mtime_ns
     sweep.main(argv)
     out = capsys.readouterr().out
@@ -345,7 +346,7 @@ def test_a_stopped_sweep_stops_its_run_and_a_rerun_finishes_it(cifar_root, tmp_p
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     child = None
     try:
-        assert wait_for(lambda: len(sweep.read_rows(folder)) >= 1, 120)
+        assert wait_for(lambda: len(runs.read_rows(folder)) >= 1, 120)
         child = int((folder / '.lock').read_text())
         os.kill(parent.pid, signum)
         parent.wait(timeout=60)
@@ -357,7 +358,7 @@ def test_a_stopped_sweep_stops_its_run_and_a_rerun_finishes_it(cifar_root, tmp_p
         if child is not None and alive(child):
             os.kill(child, signal.SIGKILL)
     done = torch.load(folder / 'last.pt', weights_only=True)['round']  # the log may lag by one
-    assert 1 <= done < 40 and len(sweep.read_rows(folder)) in (done - 1, done)
+    assert 1 <= done < 40 and len(runs.read_rows(folder)) in (done - 1, done)
     log = (tmp_path / 's' / 'logs' / 'run.log').read_text()
     assert f'terminated: {folder} keeps rounds 1-{done}; continue with' in log
     assert 'Traceback' not in log
@@ -365,7 +366,7 @@ def test_a_stopped_sweep_stops_its_run_and_a_rerun_finishes_it(cifar_root, tmp_p
         assert parent.returncode == runtime.TERMINATED
     sweep.main(argv)
     assert 'run: killed' in capsys.readouterr().out
-    assert len(sweep.read_rows(folder)) == 40
+    assert len(runs.read_rows(folder)) == 40
 
 
 def test_runs_not_started_when_a_sweep_stops_are_left_untouched(tmp_path):

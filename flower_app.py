@@ -2,11 +2,13 @@
 the clients run as Flower SuperNodes (simulated, or real processes on other machines) and a
 run writes what main_federated.py writes, with the same numbers.
 
-    flwr run . --federation-config "num-supernodes=20" --run-config "rounds=100"
+    PATH="$PWD/.venv/bin:$PATH" flwr run . --stream --federation-config "num-supernodes=20" \
+        --run-config "data_root='$PWD/../shared/data/cifar10-mini' results_dir='$PWD/Results'"
 
-(docs/flower.md). pyproject.toml's [tool.flwr.app.config] holds exactly
-main_federated.py's hyperparameters and defaults (tests/test_flower.py keeps them equal); a
-run's configuration goes through the same `--name=value` parsing and checks as the script's.
+(docs/flower.md, which says how to stop the local SuperLink it leaves running).
+pyproject.toml's [tool.flwr.app.config] holds exactly main_federated.py's hyperparameters and
+defaults (tests/test_flower.py keeps them equal); a run's configuration goes through the same
+`--name=value` parsing and checks as the script's.
 
 The server (`server`): waits for the SuperNodes, checks that their partition ids cover
 0..n_clients-1, then per round samples with federated.sample_clients, sends the global model to
@@ -43,6 +45,7 @@ import runs
 import runtime
 
 APP_DIR = Path(__file__).resolve().parent
+IN_CHECKOUT = (APP_DIR / 'main_federated.py').is_file()  # not in the bundle flwr run installs
 KIND = 'flower'  # what this app's run folders are (runs.KINDS)
 NODE_WAIT_SECONDS = 300  # how long the server waits for SuperNodes to connect or come back
 
@@ -73,9 +76,18 @@ def config_from_run_config(run_config):
     return cfg, {k: v for k, v in parsed.items() if v != defaults[k]}
 
 
-def resolve(path):
-    """A relative path from the run config, taken from the app's folder."""
-    return path if not path or os.path.isabs(path) else str(APP_DIR / path)
+def resolve(key, path):
+    """A path from the run config: as given if absolute; a relative one is taken from the
+    checkout's folder (flower_app.simulate runs there). `flwr run` installs the app's bundle
+    under FLWR_HOME, where a relative path would point, so there it is refused."""
+    if not path or os.path.isabs(path):
+        return path
+    if not IN_CHECKOUT:
+        raise runtime.ConfigError(
+            f"{key}={path!r} is a relative path, but flwr run installed this app under "
+            f"{APP_DIR}, not in your checkout: give an absolute path, e.g. "
+            f"--run-config \"{key}='$PWD/{path}'\" (docs/flower.md).")
+    return str(APP_DIR / path)
 
 
 def encode(cfg):
@@ -110,7 +122,7 @@ def partition_id(context):
 def client_data(cfg, context, dev):
     """(partition, images) of the client, the data loaded and split once per process (a
     simulated SuperNode's process serves many clients)."""
-    root = node_setting(context, 'data-root') or resolve(cfg['data_root'])
+    root = node_setting(context, 'data-root') or resolve('data_root', cfg['data_root'])
     key = (root, str(dev), json.dumps({k: cfg[k] for k in (
         'partition', 'n_clients', 'classes_per_client', 'dirichlet_alpha', 'val_fraction',
         'BATCH_SIZE', 'seed', 'client_archs', 'client_bits')}))
@@ -367,7 +379,7 @@ def serve(grid, context):
     cfg, overrides = config_from_run_config(context.run_config)
     checkpoint = None
     for key in ('data_root', 'results_dir', 'resume', 'pretrained_path', 'global_pretrained'):
-        cfg[key] = resolve(cfg[key])
+        cfg[key] = resolve(key, cfg[key])
     if federated.ALGORITHMS[cfg['algorithm']].client_update is None:
         raise runtime.ConfigError(f"algorithm={cfg['algorithm']!r} trains no client, so it has "
                                   f"nothing to run on Flower: run it with python "

@@ -29,7 +29,8 @@ from runtime import ConfigError, Diverged, Interrupted, OutputError
 # what wrote a folder or file -> the command that continues its run ({folder} filled in)
 KINDS = {'centralized': 'python main_centralized.py --resume={folder}',
          'federated': 'python main_federated.py --resume={folder}',
-         'flower': "flwr run . --run-config \"resume='{folder}'\"",
+         'flower': 'PATH="$PWD/.venv/bin:$PATH" flwr run . --stream --federation-config '
+                   '"num-supernodes={n_clients}" --run-config "resume=\'{folder}\'"',
          'sweep': None}
 SCRIPTS = {'centralized': 'main_centralized.py', 'federated': 'main_federated.py',
            'flower': 'flower_app.py (flwr run .)', 'sweep': 'sweep.py'}
@@ -84,7 +85,13 @@ def checkpoint_fields(kind, file):
 
 
 def resume_command(kind, folder):
-    return KINDS[kind].format(folder=folder)
+    """The command that continues the run of `kind` in `folder` (a Flower run needs as many
+    SuperNodes as its config.json has clients)."""
+    try:
+        n_clients = read_config(folder).get('n_clients', 'N')
+    except RunError:
+        n_clients = 'N'
+    return KINDS[kind].format(folder=folder, n_clients=n_clients)
 
 
 def unit_of(kind):

@@ -5,6 +5,8 @@ and node authentication on loopback.
 
 Needs requirements-flower.txt; skipped, with the reason, where Flower is not installed.
 """
+import ast
+import contextlib
 import itertools
 import json
 import os
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ import torch
 import federated
 import main_federated as mf
 import runtime
-from conftest import assert_same_best, kill_after_round
+from conftest import ROOT, assert_same_best, kill_after_round
 
 flwr = pytest.importorskip('flwr', reason='Flower is not installed: pip install -r '
                                           'requirements-flower.txt')
@@ -280,3 +283,80 @@ def test_an_unknown_run_config_key_is_named_before_flower_starts(cifar_root, tmp
                                                   "keys are main_federated.py's"):
         simulate(config)
     assert not (tmp_path / 'run').exists()
+
+
+# --- the documented commands -------------------------------------------------------------------
+
+def our_imports(module, seen=None):
+    """The modules of this project that `module` imports, directly or through others."""
+    seen = set() if seen is None else seen
+    tree = ast.parse((ROOT / f'{module}.py').read_text())
+    for node in ast.walk(tree):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        for name in names:
+            if (ROOT / f'{name}.py').is_file() and name not in seen:
+                seen.add(name)
+                our_imports(name, seen)
+    return seen
+
+
+def test_the_app_bundle_holds_every_module_the_app_imports():
+    with open(ROOT / 'pyproject.toml', 'rb') as f:
+        bundle = set(tomllib.load(f)['tool']['flwr']['app']['fab-include'])
+    assert {f'{m}.py' for m in our_imports('flower_app') | {'flower_app'}} <= bundle
+
+
+def docs_simulation_commands():
+    """The two lines of docs/flower.md's simulation block (continuation lines joined)."""
+    text = (ROOT / 'docs' / 'flower.md').read_text()
+    block = text.split('**Simulation**', 1)[1].split('\n\n')[1]
+    return [line.strip() for line in block.replace('\\\n', ' ').splitlines()]
+
+
+def test_the_docs_simulation_commands_run_as_written(cifar_root, tmp_path):
+    """docs/flower.md's `flwr run` line, as written in a shell without the venv on PATH, with a
+    small run config added (later values win), gives main_federated.py's rows; its `pkill` line
+    stops the SuperLink `flwr run` left running. Whatever is left is stopped by its PID."""
+    run_line, stop_line = docs_simulation_commands()
+    assert run_line.startswith('PATH=') and stop_line.startswith('pkill ')
+    config = {'data_root': str(cifar_root), 'results_dir': str(tmp_path / 'flower'),
+              'run_name': 'run', 'n_clients': 3, 'rounds': 2, 'classes_per_client': 4,
+              'BATCH_SIZE': 20}
+    small = ' '.join(f"{k}='{v}'" if isinstance(v, str) else f'{k}={v}' for k, v in config.items())
+    home = tmp_path / 'flwr'
+    home.mkdir()
+    env = {'HOME': str(tmp_path), 'PATH': '/usr/bin:/bin', 'FLWR_HOME': str(home),
+           'OMP_NUM_THREADS': str(THREADS), 'FLWR_LOCAL_SUPERLINK_HTTP_API_PORT': str(free_port()),
+           'FLWR_LOCAL_CONTROL_API_PORT': str(free_port())}
+    shell = ['bash', '-c']
+    superlinks = []
+
+    def superlink_pids():
+        found = subprocess.run(['pgrep', '-f', f'flower-superlink .*{home}'], capture_output=True,
+                               text=True).stdout.split()
+        return [int(pid) for pid in found]
+    try:
+        done = subprocess.run(shell + [f'{run_line} --federation-config "num-supernodes=3" '
+                                       f'--run-config "{small}"'], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        superlinks = superlink_pids()
+        assert superlinks, 'flwr run left no local SuperLink to stop'
+        subprocess.run(shell + [stop_line], cwd=ROOT, env=env, timeout=60)
+        wait_for(lambda: not superlink_pids(), 30)
+        expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})
+        assert rows(tmp_path / 'flower' / 'run') == rows(expected)
+    finally:
+        for pid in superlinks + superlink_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def test_a_relative_path_is_refused_where_flwr_run_installed_the_app(monkeypatch):
+    assert flower_app.resolve('data_root', 'data') == str(flower_app.APP_DIR / 'data')
+    monkeypatch.setattr(flower_app, 'IN_CHECKOUT', False)
+    assert flower_app.resolve('data_root', '/abs/data') == '/abs/data'
+    with pytest.raises(runtime.ConfigError, match=r"data_root='data' is a relative path.*"
+                       r"give an absolute path, e.g. --run-config \"data_root='\$PWD/data'\""):
+        flower_app.resolve('data_root', 'data')

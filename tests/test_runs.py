@@ -54,7 +54,8 @@ def test_a_federated_folder_is_resumed_only_by_its_engine(cifar_root, tmp_path):
     saved['kind'] = 'flower'
     runs.write_json(os.path.join(fed, 'config.json'), saved)
     with pytest.raises(runtime.ConfigError, match=r'run of flower_app.py \(flwr run .\), not of '
-                       r'main_federated.py.*flwr run . --run-config "resume='):
+                       r'main_federated.py.*flwr run . --stream --federation-config '
+                       r'"num-supernodes=3" --run-config "resume='):
         runs.resume(fed, {}, set(), 'federated', cfg, lambda cfg: None)
 
 

@@ -153,9 +153,10 @@ def load_state(cfg, context, folder, dev, completed):
     if record is not None and record['completed'] == completed:
         if kept is not None and kept[0] == completed:  # this process holds it already
             return kept[1]
-        state = federated.new_client_state(cfg, client_id, dev)
-        federated.load_client_state(state, from_bytes(record['state']))
-        return state
+        if 'state' in record:  # not yet in its file
+            state = federated.new_client_state(cfg, client_id, dev)
+            federated.load_client_state(state, from_bytes(record['state'])['state'])
+            return state
     state = federated.new_client_state(cfg, client_id, dev)
     for path in state_paths(folder, context):
         if os.path.isfile(path):
@@ -171,17 +172,20 @@ def load_state(cfg, context, folder, dev, completed):
 
 
 def keep_state(context, folder, state, completed, to_file):
-    """The client's state after `completed` rounds, in Context.state and, with `to_file`, in
-    its file (the previous round's file kept beside it)."""
-    saved = federated.saved_client_state(state)
-    context.state['client'] = ConfigRecord({'completed': completed,
-                                            'state': runs.torch_bytes(saved)})
+    """The client's state after `completed` rounds, serialised once: with `to_file` into its
+    file (the previous round's file kept beside it), Context.state then holding only the round;
+    else into Context.state, for the next message (a deployment's next process)."""
+    payload = runs.torch_bytes({'completed': completed,
+                                'state': federated.saved_client_state(state)})
     STATES[(folder, partition_id(context))] = (completed, state)
     if to_file:
         latest, previous = state_paths(folder, context)
         if os.path.isfile(latest):
             os.replace(latest, previous)
-        runs.save_torch(latest, {'completed': completed, 'state': saved})
+        runs.write_atomic(latest, payload)
+        context.state['client'] = ConfigRecord({'completed': completed})
+    else:
+        context.state['client'] = ConfigRecord({'completed': completed, 'state': payload})
 
 
 def client_setup(msg, context):
@@ -192,11 +196,25 @@ def client_setup(msg, context):
     return cfg, settings, dev
 
 
+def best_entry(cfg, context, settings, dev):
+    """The serialised best_client_entry after the round: a fine-tuned copy (FedAvg-QFT), in no
+    file, as its evaluation kept it in Context.state; else from the client's saved state."""
+    kept = context.state.get('best')
+    if kept is not None and kept['round'] == settings['round']:
+        return kept['entry']
+    state = load_state(cfg, context, settings['folder'], dev, settings['round'] + 1)
+    return runs.torch_bytes(federated.best_client_entry(cfg, partition_id(context), state))
+
+
 @client.query()
 def describe(msg, context):
     """The client's partition id and count, for the server's check, and its partition (none
-    for an id outside the run's clients, which the server then names)."""
-    cfg, _, dev = client_setup(msg, context)
+    for an id outside the run's clients, which the server then names); or, when the server
+    asks for it ('want': 'best'), its quantized model after the round, for best.pt."""
+    cfg, settings, dev = client_setup(msg, context)
+    if settings.get('want') == 'best':
+        return Message(RecordDict({'reply': ConfigRecord({'best': best_entry(
+            cfg, context, settings, dev)})}), reply_to=msg)
     inside = 0 <= partition_id(context) < cfg['n_clients']
     part = client_data(cfg, context, dev)[0] if inside else None
     return Message(RecordDict({'reply': ConfigRecord({
@@ -229,8 +247,8 @@ def train(msg, context):
 
 @client.evaluate()
 def evaluate(msg, context):
-    """federated.evaluate_client on this client; its state is then saved, and its quantized
-    model sent, for best.pt."""
+    """federated.evaluate_client on this client; its state is then saved (the server asks for
+    its quantized model when the round improves best.pt)."""
     cfg, settings, dev = client_setup(msg, context)
     rnd, folder = settings['round'], settings['folder']
     trained = json.loads(settings['trained'])
@@ -244,10 +262,11 @@ def evaluate(msg, context):
     entry = federated.evaluate_client(cfg, client_id, state, global_model, dataset, rnd,
                                       trained, settings['sent'])
     keep_state(context, folder, state, rnd + 1, to_file=True)
-    reply = {'entry': json.dumps(entry)}
-    if federated.keeps_client_models(cfg):
-        reply['best'] = runs.torch_bytes(federated.best_client_entry(cfg, client_id, state))
-    return Message(RecordDict({'reply': ConfigRecord(reply)}), reply_to=msg)
+    if federated.keeps_client_models(cfg) and not federated.algorithm_of(cfg).personalised:
+        context.state['best'] = ConfigRecord({'round': rnd, 'entry': runs.torch_bytes(
+            federated.best_client_entry(cfg, client_id, state))})
+    return Message(RecordDict({'reply': ConfigRecord({'entry': json.dumps(entry)})}),
+                   reply_to=msg)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -255,10 +274,12 @@ def evaluate(msg, context):
 server = ServerApp()
 
 
-def message(node, kind, rnd, settings, global_state=None):
+def message(node, kind, rnd, settings, global_record=None):
+    """A message to `node`; `global_record`, the global model's ArrayRecord, is built once per
+    phase and shared by its messages."""
     content = {'config': ConfigRecord(settings)}
-    if global_state is not None:
-        content['global'] = ArrayRecord(global_state)
+    if global_record is not None:
+        content['global'] = global_record
     return Message(RecordDict(content), dst_node_id=node, message_type=kind,
                    group_id=str(rnd))
 
@@ -267,7 +288,7 @@ NODE_UNAVAILABLE = 5  # flwr's ErrorCode.NODE_UNAVAILABLE: its SuperNode went of
 
 
 def exchange(grid, requests):
-    """The replies to `requests` [(node, kind, round, settings, global state)], every one of
+    """The replies to `requests` [(node, kind, round, settings, global record)], every one of
     them. A SuperNode that went offline (killed, restarted) gets its message again once it is
     back, for up to NODE_WAIT_SECONDS; any other failure is an error naming it."""
     pending, replies = list(requests), []
@@ -339,26 +360,36 @@ def flower_round(grid, cfg, run, rnd):
     nodes, global_model = run['nodes'], run['global_model']
     settings = {'cfg': encode(cfg), 'round': rnd, 'folder': run['folder']}
     sampled = federated.sample_clients(cfg, run['sampler'])
-    global_state = None if global_model is None else federated.model_state(global_model)
+    record = None if global_model is None else ArrayRecord(federated.model_state(global_model))
     begin = time.perf_counter()
-    replies = exchange(grid, [(nodes[c], MessageType.TRAIN, rnd, settings, global_state)
+    replies = exchange(grid, [(nodes[c], MessageType.TRAIN, rnd, settings, record)
                               for c in sampled])
     by_client = {run['clients_of'][r.metadata.src_node_id]: r for r in replies}
     trained = {c: json.loads(by_client[c].content['reply']['metrics']) for c in sampled}
     if global_model is not None:
         global_model.load_state_dict(aggregate_replies(by_client))
     middle = time.perf_counter()
-    new_state = None if global_model is None else federated.model_state(global_model)
+    record = None if global_model is None else ArrayRecord(federated.model_state(global_model))
     sent = 0 if global_model is None else federated.model_bytes(global_model)
     replies = exchange(grid, [(nodes[c], MessageType.EVALUATE, rnd,
                                {**settings, 'trained': json.dumps(trained.get(c)), 'sent': sent},
-                               new_state) for c in range(cfg['n_clients'])])
+                               record) for c in range(cfg['n_clients'])])
     by_client = {run['clients_of'][r.metadata.src_node_id]: r.content['reply'] for r in replies}
     entries = [json.loads(by_client[c]['entry']) for c in range(cfg['n_clients'])]
-    run['best_entries'] = [from_bytes(by_client[c]['best']) for c in range(cfg['n_clients'])
-                           if 'best' in by_client[c]]
     timings = {'train_seconds': middle - begin, 'eval_seconds': time.perf_counter() - middle}
-    return federated.round_row(cfg, rnd, entries, timings)
+    row = federated.round_row(cfg, rnd, entries, timings)
+    if federated.keeps_client_models(cfg) and federated.improves(run, row):
+        run['best_entries'] = best_entries(grid, cfg, run, settings)
+    return row
+
+
+def best_entries(grid, cfg, run, settings):
+    """Every client's quantized model after the round, asked for only when the round improves
+    best.pt, so that the other rounds send and decode none."""
+    replies = exchange(grid, [(run['nodes'][c], MessageType.QUERY, settings['round'],
+                               {**settings, 'want': 'best'}) for c in range(cfg['n_clients'])])
+    by_client = {run['clients_of'][r.metadata.src_node_id]: r.content['reply'] for r in replies}
+    return [from_bytes(by_client[c]['best']) for c in range(cfg['n_clients'])]
 
 
 def save(cfg, run, rows):

@@ -27,7 +27,7 @@ from conftest import ROOT, assert_same_best, kill_after_round
 flwr = pytest.importorskip('flwr', reason='Flower is not installed: pip install -r '
                                           'requirements-flower.txt')
 import flower_app  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict  # noqa: E402
 
 THREADS = 1  # each simulated client runs on one CPU (one torch thread), and so does the
 # in-process run it is compared with: the reference's sums follow the thread count
@@ -110,7 +110,7 @@ def rows(folder):
                 for line in f]
 
 
-@pytest.mark.parametrize('algorithm', ['quped', 'fedavg', 'local'])
+@pytest.mark.parametrize('algorithm', ['quped', 'fedavg', 'local', 'fedavg_qft'])
 def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, tmp_path,
                                                                    algorithm):
     config = run_config(cifar_root, tmp_path / 'flower', 'run', algorithm=algorithm)
@@ -130,6 +130,32 @@ def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, t
             {**script_cfg, 'results_dir': '', 'kind': ''})
     assert flower_parts == script_parts
     assert_same_best(folder, expected)
+
+
+def test_every_client_is_evaluated_every_round_and_best_models_travel_only_when_they_improve(
+        cifar_root, tmp_path, monkeypatch):
+    """Messages counted: per round one train message per sampled client, one evaluation per
+    client (sampled or not), and a request for the clients' quantized models only in the
+    rounds that improve best.pt."""
+    sent = []
+    real = flower_app.message
+
+    def counted(node, kind, rnd, settings, global_record=None):
+        sent.append((int(rnd), kind, settings.get('want')))
+        return real(node, kind, rnd, settings, global_record)
+    monkeypatch.setattr(flower_app, 'message', counted)
+    config = run_config(cifar_root, tmp_path, 'counted', rounds=3, client_fraction=0.67)
+    simulate(config)
+    metrics, best = rows(tmp_path / 'counted'), -1.0
+    for row in metrics:
+        rnd = row['round'] - 1
+        assert sent.count((rnd, MessageType.TRAIN, None)) == sum(
+            c['sampled'] for c in row['clients']) == 2
+        assert sent.count((rnd, MessageType.EVALUATE, None)) == 3
+        improved = row['q_val_acc_weighted'] > best
+        best = max(best, row['q_val_acc_weighted'])
+        assert sent.count((rnd, MessageType.QUERY, 'best')) == (3 if improved else 0)
+    assert len(metrics) == 3
 
 
 def test_a_flower_run_killed_after_round_1_and_resumed_equals_an_uninterrupted_one(

@@ -285,6 +285,20 @@ def message(node, kind, rnd, settings, global_record=None):
 
 
 NODE_UNAVAILABLE = 5  # flwr's ErrorCode.NODE_UNAVAILABLE: its SuperNode went offline
+POLL_SECONDS = 0.05  # between pulls of replies
+
+
+def send_and_receive(grid, messages):
+    """Grid.send_and_receive through the Grid's public push and pull, polling every
+    POLL_SECONDS: Flower 1.42's HttpGrid (a deployment) sleeps 3 s between its pulls."""
+    waiting, replies = set(grid.push_messages(messages)), []
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+        if waiting:
+            time.sleep(POLL_SECONDS)
+    return replies
 
 
 def exchange(grid, requests):
@@ -294,7 +308,7 @@ def exchange(grid, requests):
     pending, replies = list(requests), []
     deadline = time.monotonic() + NODE_WAIT_SECONDS
     while pending:
-        answers = list(grid.send_and_receive([message(*request) for request in pending]))
+        answers = send_and_receive(grid, [message(*request) for request in pending])
         by_node = {answer.metadata.src_node_id: answer for answer in answers
                    if not answer.has_error()}
         failed = [answer for answer in answers if answer.has_error()]

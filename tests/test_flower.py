@@ -200,6 +200,7 @@ class Deployment:
             f'"127.0.0.1:{self.port}"\nroot-certificates = "{self.credentials}/ca.crt"\n')
         bin_dir = os.path.dirname(sys.executable)
         self.env = {**os.environ, 'FLWR_HOME': str(home), 'OMP_NUM_THREADS': str(THREADS),
+                    'FLWR_SUPEREXEC_TASK_POLL_INTERVAL': '0.1',  # as docs/flower.md's recipe
                     'PATH': f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
     def start(self, name, *command):

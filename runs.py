@@ -26,7 +26,7 @@ import resnet
 import runtime
 from runtime import ConfigError, Diverged, Interrupted, OutputError
 
-# what wrote a folder or file -> the command that continues its run ({folder} filled in)
+# what wrote a folder or file -> the command that continues its run (resume_command fills it)
 KINDS = {'centralized': 'python main_centralized.py --resume={folder}',
          'federated': 'python main_federated.py --resume={folder}',
          'flower': 'PATH="$PWD/.venv/bin:$PATH" flwr run . --stream --federation-config '

@@ -14,16 +14,18 @@ The server (`server`): waits for the SuperNodes, checks that their partition ids
 0..n_clients-1, then per round samples with federated.sample_clients, sends the global model to
 the sampled clients ('train'), averages their replies with federated.aggregate in partition
 order, sends the new global model to every client ('evaluate'), builds the row with
-federated.round_row and writes metrics.jsonl, best.pt, last.pt, config.json and partition.json
+federated.round_row, asks the clients for their quantized models when the round improves
+best.pt (a query), and writes metrics.jsonl, best.pt, last.pt, config.json and partition.json
 as main_federated.py does.
 
 A client (`client`): its partition id comes from the SuperNode's node_config (`partition-id`,
 `num-partitions`). Its private state (model, Adam, centers, batch generator) lives in
-Context.state and, after every round, in a file under the run folder's `clients/` (or under the
-node_config's `state-dir`), with the previous round's copy: a restarted SuperNode, or a resumed
-run, continues from the round the server is at. The server's last.pt therefore holds no client
-state (`clients` None); best.pt holds every client's quantized model, which the clients send
-with their evaluation (the deliverable, as main_federated.py's best.pt keeps it).
+Context.state between its train and evaluate messages and, after every round, in a file under
+the run folder's `clients/` (or under the node_config's `state-dir`), with the previous round's
+copy: a restarted SuperNode, or a resumed run, continues from the round the server is at. The
+server's last.pt therefore holds no client state (`clients` None); best.pt holds every client's
+quantized model, which the clients send when the server asks (the deliverable, as
+main_federated.py's best.pt keeps it).
 """
 import ast
 import io

@@ -343,10 +343,7 @@ def resume(folder, overrides, resumable, kind, defaults, check):
     another type than its default's, or one that `check` (the engine's configuration check)
     refuses, is an error that names the file. A run may be extended, never shortened."""
     cfg, checkpoint, source = read_saved(folder)
-    if checkpoint is not None:
-        check_kind(folder, checkpoint, kind)
-    else:
-        check_kind(folder, cfg, kind)
+    check_kind(folder, cfg if checkpoint is None else checkpoint, kind)
     for key in NOT_HYPERPARAMETERS:
         cfg.pop(key, None)
     changed = [f"{k} ({cfg.get(k)!r} -> {v!r})" for k, v in overrides.items()

@@ -11,25 +11,33 @@ defaults (tests/test_flower.py keeps them equal); a run's configuration goes thr
 `--name=value` parsing and checks as the script's.
 
 The server (`server`): waits for the SuperNodes, checks that their partition ids cover
-0..n_clients-1, then per round samples with federated.sample_clients, sends the global model to
-the sampled clients ('train'), averages their replies with federated.aggregate in partition
-order, sends the new global model to every client ('evaluate'), builds the row with
-federated.round_row, asks the clients for their quantized models when the round improves
-best.pt (a query), and writes metrics.jsonl, best.pt, last.pt, config.json and partition.json
-as main_federated.py does.
+0..n_clients-1, then per round samples with federated.sample_clients and sends one message per
+client: round r + 1's training ('train', with the global model after round r) to the clients
+sampled for it, which first evaluate round r with that same model, and round r's evaluation
+alone ('evaluate') to the others (all of them after the last round; the first round, and the
+first after a resume, send their training alone). It averages the training replies with
+federated.aggregate in partition order, builds each row with federated.round_row, asks the
+clients for their quantized models when the round improves best.pt (a query), and writes
+metrics.jsonl, best.pt, last.pt, config.json and partition.json as main_federated.py does. A
+row's train_seconds is its whole phase (its evaluation shares messages with the next round's
+training), eval_seconds 0.
 
 A client (`client`): its partition id comes from the SuperNode's node_config (`partition-id`,
-`num-partitions`). Its private state (model, Adam, centers, batch generator) lives in
-Context.state between its train and evaluate messages and, after every round, in a file under
-the run folder's `clients/` (or under the node_config's `state-dir`), with the previous round's
-copy: a restarted SuperNode, or a resumed run, continues from the round the server is at. The
-server's last.pt therefore holds no client state (`clients` None); best.pt holds every client's
+`num-partitions`). Its private state (model, Adam, centers, batch generator) is written after
+each of its trainings to a file under the run folder's `clients/` (or under the node_config's
+`state-dir`), named by the rounds it has completed, and kept in the process between messages;
+each message names the state it needs, so a new process (a deployment), a restarted SuperNode or
+a resumed run reads it back. Files no resume from last.pt can need are removed. The server's
+last.pt therefore holds no client state (`clients` None); best.pt holds every client's
 quantized model, which the clients send when the server asks (the deliverable, as
 main_federated.py's best.pt keeps it).
 """
 import ast
+import contextlib
+import functools
 import io
 import json
+import math
 import os
 import time
 import tomllib
@@ -110,7 +118,9 @@ def from_bytes(blob):
 
 client = ClientApp()
 DATA = {}  # per process: the data and partition, and each client's images, kept across messages
-STATES = {}  # per process: (run folder, client) -> (rounds completed, the client's state)
+STATES = {}  # per process: (run folder, client) -> (its last training's round + 1, its state)
+FEDERATED_SECONDS = [0.0]  # per process: the current handler's time inside federated.py
+MODELS = {}  # per process: the global model's (architecture, device) -> the model, reused
 
 
 def node_setting(context, key, default=None):
@@ -139,55 +149,78 @@ def client_data(cfg, context, dev):
     return parts[client_id], datasets[client_id]
 
 
-def state_paths(cfg_folder, context):
-    folder = node_setting(context, 'state-dir') or os.path.join(cfg_folder, 'clients')
+def state_folder(run_folder, context):
+    folder = node_setting(context, 'state-dir') or os.path.join(run_folder, 'clients')
     os.makedirs(folder, exist_ok=True)
-    latest = os.path.join(folder, f'client_{partition_id(context)}.pt')
-    return latest, latest + '.previous'
+    return folder
 
 
-def load_state(cfg, context, folder, dev, completed):
-    """The client's state after `completed` rounds: from Context.state when it is there, else
-    from its files (a restarted SuperNode, a resumed run), else new (round 0)."""
+def state_file(run_folder, context, after):
+    """The client's state once it has trained in round `after` - 1 (after `after` rounds)."""
+    return os.path.join(state_folder(run_folder, context),
+                        f'client_{partition_id(context)}.after_{after}.pt')
+
+
+def load_state(cfg, context, folder, dev, after):
+    """The client's state after the rounds up to its last training, `after` (which the server
+    names; 0: it has not trained): this process's copy when it holds that one, else its file (a
+    deployment's new process, a restarted SuperNode, a resumed run), else new (0)."""
     client_id = partition_id(context)
-    record = context.state.get('client')
     kept = STATES.get((folder, client_id))
-    if record is not None and record['completed'] == completed:
-        if kept is not None and kept[0] == completed:  # this process holds it already
-            return kept[1]
-        if 'state' in record:  # not yet in its file
-            state = federated.new_client_state(cfg, client_id, dev)
-            federated.load_client_state(state, from_bytes(record['state'])['state'])
-            return state
+    if kept is not None and kept[0] == after:
+        return kept[1]
     state = federated.new_client_state(cfg, client_id, dev)
-    for path in state_paths(folder, context):
-        if os.path.isfile(path):
-            saved = torch.load(path, map_location='cpu', weights_only=True)
-            if saved['completed'] == completed:
-                federated.load_client_state(state, saved['state'])
-                return state
-    if completed:
+    path = state_file(folder, context, after)
+    if os.path.isfile(path):
+        federated.load_client_state(state, torch.load(path, map_location='cpu',
+                                                      weights_only=True))
+    elif after:
         raise runtime.ConfigError(
-            f"client {client_id} has no state after round {completed} in Context.state or in "
-            f"{state_paths(folder, context)[0]}: it cannot continue this run.")
+            f"client {client_id} has no state after round {after} ({path} is missing): it "
+            f"cannot continue this run.")
+    STATES[(folder, client_id)] = (after, state)
     return state
 
 
-def keep_state(context, folder, state, completed, to_file):
-    """The client's state after `completed` rounds, serialised once: with `to_file` into its
-    file (the previous round's file kept beside it), Context.state then holding only the round;
-    else into Context.state, for the next message (a deployment's next process)."""
-    payload = runs.torch_bytes({'completed': completed,
-                                'state': federated.saved_client_state(state)})
-    STATES[(folder, partition_id(context))] = (completed, state)
-    if to_file:
-        latest, previous = state_paths(folder, context)
-        if os.path.isfile(latest):
-            os.replace(latest, previous)
-        runs.write_atomic(latest, payload)
-        context.state['client'] = ConfigRecord({'completed': completed})
-    else:
-        context.state['client'] = ConfigRecord({'completed': completed, 'state': payload})
+def keep_state(context, folder, state, after, keep):
+    """The client's state after training in round `after` - 1, serialised once into its file,
+    which is all the next message needs (Context.state holds none of it). Files older than
+    `keep`, which no resume from the server's last.pt can ask for, are removed."""
+    STATES[(folder, partition_id(context))] = (after, state)
+    runs.write_atomic(state_file(folder, context, after),
+                      runs.torch_bytes(federated.saved_client_state(state)))
+    prefix = f'client_{partition_id(context)}.after_'
+    for name in os.listdir(state_folder(folder, context)):
+        if name.startswith(prefix) and name.endswith('.pt') and \
+                int(name[len(prefix):-3]) < keep:
+            os.remove(os.path.join(state_folder(folder, context), name))
+
+
+def timed(handler):
+    """A handler whose reply says how long it ran ('handler_seconds'), how much of that was
+    inside federated.py's units ('federated_seconds', added up by `in_federated`), and when, on
+    this machine's clock ('started', 'ended'): where a Flower round's time goes
+    (round_timings)."""
+    @functools.wraps(handler)
+    def run(msg, context):
+        started, clock = time.time(), time.perf_counter()
+        FEDERATED_SECONDS[0] = 0.0
+        reply = handler(msg, context)
+        reply.content['reply'] = ConfigRecord({
+            **reply.content['reply'], 'handler_seconds': time.perf_counter() - clock,
+            'federated_seconds': FEDERATED_SECONDS[0], 'started': started,
+            'ended': time.time()})
+        return reply
+    return run
+
+
+@contextlib.contextmanager
+def in_federated():
+    clock = time.perf_counter()
+    try:
+        yield
+    finally:
+        FEDERATED_SECONDS[0] += time.perf_counter() - clock
 
 
 def client_setup(msg, context):
@@ -198,17 +231,47 @@ def client_setup(msg, context):
     return cfg, settings, dev
 
 
+def received_global(cfg, msg, dev):
+    """This process's global model (one, reused) with the message's weights; None if the message
+    carries none (`local`)."""
+    if 'global' not in msg.content:
+        return None
+    key = (cfg['global_arch'], str(dev))
+    if key not in MODELS:
+        MODELS.clear()
+        MODELS[key] = resnet.build(cfg['global_arch']).to(dev)
+    state = {k: v.to(dev) for k, v in msg.content['global'].to_torch_state_dict().items()}
+    MODELS[key].load_state_dict(state)
+    return MODELS[key], state
+
+
+def evaluated_entry(cfg, context, settings, state, global_model, dataset):
+    """federated.evaluate_client of round settings['evaluate'] as a JSON reply field (FedAvg-QFT's
+    fine-tuned copy, in no file, kept in Context.state for the server's request)."""
+    rnd, client_id = settings['evaluate'], partition_id(context)
+    with in_federated():
+        entry = federated.evaluate_client(cfg, client_id, state, global_model, dataset, rnd,
+                                          json.loads(settings['trained']), settings['sent'])
+    if federated.keeps_client_models(cfg) and not federated.algorithm_of(cfg).personalised:
+        context.state['best'] = ConfigRecord({'round': rnd, 'entry': runs.torch_bytes(
+            federated.best_client_entry(cfg, client_id, state))})
+    return json.dumps(entry)
+
+
 def best_entry(cfg, context, settings, dev):
-    """The serialised best_client_entry after the round: a fine-tuned copy (FedAvg-QFT), in no
-    file, as its evaluation kept it in Context.state; else from the client's saved state."""
+    """The serialised best_client_entry after the round: a fine-tuned copy (FedAvg-QFT), as its
+    evaluation kept it in Context.state; else from the client's state of that round."""
     kept = context.state.get('best')
     if kept is not None and kept['round'] == settings['round']:
         return kept['entry']
-    state = load_state(cfg, context, settings['folder'], dev, settings['round'] + 1)
-    return runs.torch_bytes(federated.best_client_entry(cfg, partition_id(context), state))
+    state = load_state(cfg, context, settings['folder'], dev, settings['state'])
+    with in_federated():
+        entry = federated.best_client_entry(cfg, partition_id(context), state)
+    return runs.torch_bytes(entry)
 
 
 @client.query()
+@timed
 def describe(msg, context):
     """The client's partition id and count, for the server's check, and its partition (none
     for an id outside the run's clients, which the server then names); or, when the server
@@ -226,49 +289,41 @@ def describe(msg, context):
 
 
 @client.train()
+@timed
 def train(msg, context):
-    """federated.client_round on this client: its copy of the global model after local
-    training, its aggregation weight and its training metrics."""
+    """The previous round's evaluation when the message asks for it ('evaluate'), with the
+    model it carries, then federated.client_round on this client with the same model: the
+    evaluation's entry, the client's copy of the global model after local training, its
+    aggregation weight and its training metrics."""
     cfg, settings, dev = client_setup(msg, context)
     rnd, folder = settings['round'], settings['folder']
     _, dataset = client_data(cfg, context, dev)
-    state = load_state(cfg, context, folder, dev, completed=rnd)
-    global_copy = global_state = None
-    if 'global' in msg.content:
-        global_copy = resnet.build(cfg['global_arch']).to(dev)
-        received = msg.content['global'].to_torch_state_dict()
-        global_state = {k: v.to(dev) for k, v in received.items()}
-    new_state, weight, metrics = federated.client_round(cfg, partition_id(context), state,
-                                                        global_state, global_copy, dataset, rnd)
-    keep_state(context, folder, state, rnd + 1, to_file=False)
-    content = {'reply': ConfigRecord({'weight': weight, 'metrics': json.dumps(metrics)})}
+    state = load_state(cfg, context, folder, dev, settings['state'])
+    global_copy, global_state = received_global(cfg, msg, dev) or (None, None)
+    reply = {}
+    if 'evaluate' in settings:
+        reply['entry'] = evaluated_entry(cfg, context, settings, state, global_copy, dataset)
+    with in_federated():
+        new_state, weight, metrics = federated.client_round(
+            cfg, partition_id(context), state, global_state, global_copy, dataset, rnd)
+    keep_state(context, folder, state, rnd + 1, settings['keep'])
+    content = {'reply': ConfigRecord({**reply, 'weight': weight, 'metrics': json.dumps(metrics)})}
     if new_state is not None:
         content['global'] = ArrayRecord(new_state)
     return Message(RecordDict(content), reply_to=msg)
 
 
 @client.evaluate()
+@timed
 def evaluate(msg, context):
-    """federated.evaluate_client on this client; its state is then saved (the server asks for
-    its quantized model when the round improves best.pt)."""
+    """federated.evaluate_client on a client that does not train next round (or after the last
+    one); its state is unchanged, so nothing is written."""
     cfg, settings, dev = client_setup(msg, context)
-    rnd, folder = settings['round'], settings['folder']
-    trained = json.loads(settings['trained'])
     _, dataset = client_data(cfg, context, dev)
-    state = load_state(cfg, context, folder, dev, completed=rnd + (trained is not None))
-    global_model = None
-    if 'global' in msg.content:
-        global_model = resnet.build(cfg['global_arch']).to(dev)
-        global_model.load_state_dict(msg.content['global'].to_torch_state_dict())
-    client_id = partition_id(context)
-    entry = federated.evaluate_client(cfg, client_id, state, global_model, dataset, rnd,
-                                      trained, settings['sent'])
-    keep_state(context, folder, state, rnd + 1, to_file=True)
-    if federated.keeps_client_models(cfg) and not federated.algorithm_of(cfg).personalised:
-        context.state['best'] = ConfigRecord({'round': rnd, 'entry': runs.torch_bytes(
-            federated.best_client_entry(cfg, client_id, state))})
-    return Message(RecordDict({'reply': ConfigRecord({'entry': json.dumps(entry)})}),
-                   reply_to=msg)
+    state = load_state(cfg, context, settings['folder'], dev, settings['state'])
+    global_model = (received_global(cfg, msg, dev) or (None,))[0]
+    entry = evaluated_entry(cfg, context, settings, state, global_model, dataset)
+    return Message(RecordDict({'reply': ConfigRecord({'entry': entry})}), reply_to=msg)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -303,9 +358,9 @@ def send_and_receive(grid, messages):
     return replies
 
 
-def exchange(grid, requests):
+def exchange(grid, requests, seen=None):
     """The replies to `requests` [(node, kind, round, settings, global record)], every one of
-    them. A SuperNode that went offline (killed, restarted) gets its message again once it is
+    them (also appended to `seen`). A SuperNode that went offline (killed, restarted) gets its message again once it is
     back, for up to NODE_WAIT_SECONDS; any other failure is an error naming it."""
     pending, replies = list(requests), []
     deadline = time.monotonic() + NODE_WAIT_SECONDS
@@ -323,6 +378,8 @@ def exchange(grid, requests):
         pending = [request for request in pending if request[0] not in by_node]
         if pending:
             time.sleep(2)  # a restarted SuperNode needs a moment to be back online
+    if seen is not None:
+        seen += replies
     return replies
 
 
@@ -370,42 +427,95 @@ def aggregate_replies(replies):
         [replies[c].content['reply']['weight'] for c in clients])
 
 
+def state_after(history, client, rnd):
+    """Rounds completed when `client` last trained up to round `rnd` (0-based; 0 when it has
+    not): which of its states a message asks for. `history`: the sampled clients per round."""
+    return next((r + 1 for r in range(min(rnd, len(history) - 1), -1, -1)
+                 if client in history[r]), 0)
+
+
+def train_messages(cfg, run, rnd, sampled, record, settings, evaluation=None):
+    """Round `rnd`'s train message to each sampled client, each carrying the evaluation of round
+    rnd - 1 (`evaluation`: {client: settings}) when there is one."""
+    history, saved = run['history'], len(run['history']) - 1 - (evaluation is not None)
+    return [(run['nodes'][c], MessageType.TRAIN, rnd, {
+        **settings, **(evaluation or {}).get(c, {}), 'round': rnd,
+        'state': state_after(history, c, rnd - 1),
+        'keep': state_after(history, c, saved - 1)}, record) for c in sampled]
+
+
 def flower_round(grid, cfg, run, rnd):
-    """One round over Flower: train the sampled clients, aggregate in partition order,
-    evaluate every client; the round's row."""
-    nodes, global_model = run['nodes'], run['global_model']
-    settings = {'cfg': encode(cfg), 'round': rnd, 'folder': run['folder']}
-    sampled = federated.sample_clients(cfg, run['sampler'])
-    record = None if global_model is None else ArrayRecord(federated.model_state(global_model))
-    begin = time.perf_counter()
-    replies = exchange(grid, [(nodes[c], MessageType.TRAIN, rnd, settings, record)
-                              for c in sampled])
-    by_client = {run['clients_of'][r.metadata.src_node_id]: r for r in replies}
-    trained = {c: json.loads(by_client[c].content['reply']['metrics']) for c in sampled}
+    """Round `rnd` over Flower, one message per client: the sampled clients' training (sent
+    with round rnd - 1's evaluation, or alone in the first round and after a resume), the
+    aggregation in partition order, then every client's evaluation of the new global model,
+    sent with round rnd + 1's training to the clients sampled for it. The round's row."""
+    begin, global_model = time.perf_counter(), run['global_model']
+    run['replies'] = []  # every reply of the round, for round_timings
+    settings = {'cfg': encode(cfg), 'folder': run['folder']}
+    if run['pending'] is None:
+        sampled = federated.sample_clients(cfg, run['sampler'])
+        run['history'].append(sampled)
+        record = None if global_model is None else ArrayRecord(federated.model_state(global_model))
+        run['pending'] = replies_by_client(run, exchange(grid, train_messages(
+            cfg, run, rnd, sampled, record, settings), run['replies']))
+    replies, sampled = run.pop('pending'), run['history'][rnd]
+    trained = {c: json.loads(replies[c].content['reply']['metrics']) for c in sampled}
     if global_model is not None:
-        global_model.load_state_dict(aggregate_replies(by_client))
-    middle = time.perf_counter()
+        global_model.load_state_dict(aggregate_replies(replies))
+    run['saved_sampler'] = run['sampler'].get_state()  # last.pt's, before round rnd + 1 draws
     record = None if global_model is None else ArrayRecord(federated.model_state(global_model))
     sent = 0 if global_model is None else federated.model_bytes(global_model)
-    replies = exchange(grid, [(nodes[c], MessageType.EVALUATE, rnd,
-                               {**settings, 'trained': json.dumps(trained.get(c)), 'sent': sent},
-                               record) for c in range(cfg['n_clients'])])
-    by_client = {run['clients_of'][r.metadata.src_node_id]: r.content['reply'] for r in replies}
-    entries = [json.loads(by_client[c]['entry']) for c in range(cfg['n_clients'])]
-    timings = {'train_seconds': middle - begin, 'eval_seconds': time.perf_counter() - middle}
-    row = federated.round_row(cfg, rnd, entries, timings)
+    evaluation = {c: {'evaluate': rnd, 'trained': json.dumps(trained.get(c)), 'sent': sent}
+                  for c in range(cfg['n_clients'])}
+    following = []
+    if rnd + 1 < cfg['rounds']:
+        following = federated.sample_clients(cfg, run['sampler'])
+        run['history'].append(following)
+    requests = train_messages(cfg, run, rnd + 1, following, record, settings, evaluation) + [
+        (run['nodes'][c], MessageType.EVALUATE, rnd, {
+            **settings, **evaluation[c], 'state': state_after(run['history'], c, rnd)}, record)
+        for c in range(cfg['n_clients']) if c not in following]
+    answers = replies_by_client(run, exchange(grid, requests, run['replies']))
+    entries = [json.loads(answers[c].content['reply']['entry']) for c in range(cfg['n_clients'])]
+    run['pending'] = ({c: answers[c] for c in following} if rnd + 1 < cfg['rounds'] else
+                      None)
+    row = federated.round_row(cfg, rnd, entries, {'train_seconds': 0.0, 'eval_seconds': 0.0})
     if federated.keeps_client_models(cfg) and federated.improves(run, row):
-        run['best_entries'] = best_entries(grid, cfg, run, settings)
-    return row
+        run['best_entries'] = best_entries(grid, cfg, run, settings, rnd)
+    return {**row, **round_timings(time.perf_counter() - begin, run.pop('replies'))}
 
 
-def best_entries(grid, cfg, run, settings):
-    """Every client's quantized model after the round, asked for only when the round improves
+def round_timings(seconds, replies):
+    """A Flower row's times: the round's whole phase (train_seconds; its evaluation shares
+    messages with the next round's training, so eval_seconds is 0), the clients' time inside
+    their handlers and inside federated.py's units (summed over clients: the difference is this
+    app's glue), and the part of the round when no handler ran (the engine's share: Flower's
+    messages and Ray's scheduling; from the replies' clocks, exact where they share the
+    server's, as in a simulation)."""
+    records = [reply.content['reply'] for reply in replies]
+    busy, end = 0.0, -math.inf
+    for started, ended in sorted((r['started'], r['ended']) for r in records):
+        busy += max(0.0, ended - max(started, end))
+        end = max(end, ended)
+    return {'train_seconds': seconds, 'eval_seconds': 0.0, 'wall_seconds': seconds,
+            'client_handler_seconds': sum(r['handler_seconds'] for r in records),
+            'client_federated_seconds': sum(r['federated_seconds'] for r in records),
+            'clients_idle_seconds': max(0.0, seconds - busy)}
+
+
+def replies_by_client(run, replies):
+    return {run['clients_of'][r.metadata.src_node_id]: r for r in replies}
+
+
+def best_entries(grid, cfg, run, settings, rnd):
+    """Every client's quantized model after round `rnd`, asked for only when the round improves
     best.pt, so that the other rounds send and decode none."""
-    replies = exchange(grid, [(run['nodes'][c], MessageType.QUERY, settings['round'],
-                               {**settings, 'want': 'best'}) for c in range(cfg['n_clients'])])
-    by_client = {run['clients_of'][r.metadata.src_node_id]: r.content['reply'] for r in replies}
-    return [from_bytes(by_client[c]['best']) for c in range(cfg['n_clients'])]
+    replies = replies_by_client(run, exchange(grid, [
+        (run['nodes'][c], MessageType.QUERY, rnd, {
+            **settings, 'want': 'best', 'round': rnd,
+            'state': state_after(run['history'], c, rnd)}) for c in range(cfg['n_clients'])],
+        run['replies']))
+    return [from_bytes(replies[c].content['reply']['best']) for c in range(cfg['n_clients'])]
 
 
 def save(cfg, run, rows):
@@ -416,8 +526,10 @@ def save(cfg, run, rows):
         run['best'] = row[federated.SELECTION]
         files.update(federated.best_file(KIND, cfg, run['folder'], row, run['best_entries'],
                                          run['global_model']))
+    sampler = torch.Generator()
+    sampler.set_state(run['saved_sampler'])
     files.update(federated.last_file(KIND, cfg, run['folder'], rows, None, run['global_model'],
-                                     run['sampler'], run['best'], None))
+                                     sampler, run['best'], None))
     federated.write_checkpoints(files)
 
 
@@ -451,7 +563,7 @@ def serve_in(grid, cfg, checkpoint, folder, dev):
         rows = checkpoint['rows']
     run = {'folder': folder, 'global_model': federated.new_global_model(cfg, dev),
            'sampler': torch.Generator().manual_seed(cfg['seed']), 'best': -1.0,
-           'best_entries': []}
+           'best_entries': [], 'history': [row['sampled'] for row in rows], 'pending': None}
     nodes, parts = connect(grid, cfg, {'cfg': encode(cfg), 'round': 0, 'folder': folder})
     run.update(nodes=nodes, clients_of={node: c for c, node in nodes.items()})
     if checkpoint is not None:

@@ -58,9 +58,14 @@ def test_gpu_check_dry_run_does_every_step_on_the_cpu(tmp_path):
 def test_flower_overhead_compares_a_simulation_with_the_in_process_run(cifar_root):
     pytest.importorskip('flwr', reason='Flower is not installed (requirements-flower.txt)')
     figures, _ = last_json([sys.executable, 'bench/flower_overhead.py', f'--data={cifar_root}',
-                            '--clients=2', '--rounds=1', '--arch=cifarnet'])
-    assert figures['rows_equal'] is True
-    assert figures['in_process_s'] > 0 and figures['flower_s'] > 0
+                            '--case=cifarnet:2x2', '--threads=1', '--repeats=1'])
+    [run] = figures['runs']
+    assert figures['rows_equal'] is True and (run['arch'], run['rounds']) == ('cifarnet', 2)
+    assert run['in_process_s'] > 0 and run['flower_s'] > 0
+    # the clients' handlers hold federated.py's units, at most one per core at a time
+    assert 0 < run['round_federated_s'] <= run['round_handlers_s']
+    assert run['round_handlers_s'] <= run['round_flower_s'] * os.cpu_count()
+    assert 0 <= run['round_idle_s'] <= run['round_flower_s']
 
 
 def test_bench_without_data_names_its_own_options(tmp_path):

@@ -6,6 +6,7 @@ and node authentication on loopback.
 Needs requirements-flower.txt; skipped, with the reason, where Flower is not installed.
 """
 import ast
+import collections
 import contextlib
 import itertools
 import json
@@ -132,43 +133,59 @@ def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, t
     assert_same_best(folder, expected)
 
 
-def test_every_client_is_evaluated_every_round_and_best_models_travel_only_when_they_improve(
-        cifar_root, tmp_path, monkeypatch):
-    """Messages counted: per round one train message per sampled client, one evaluation per
-    client (sampled or not), and a request for the clients' quantized models only in the
-    rounds that improve best.pt."""
-    sent = []
-    real = flower_app.message
+def count_messages(monkeypatch):
+    """(kind, round trained, round evaluated, what is wanted) of every message the server
+    builds, in a list."""
+    sent, real = [], flower_app.message
 
     def counted(node, kind, rnd, settings, global_record=None):
-        sent.append((int(rnd), kind, settings.get('want')))
+        sent.append((kind, settings.get('round'), settings.get('evaluate'), settings.get('want')))
         return real(node, kind, rnd, settings, global_record)
     monkeypatch.setattr(flower_app, 'message', counted)
-    config = run_config(cifar_root, tmp_path, 'counted', rounds=3, client_fraction=0.67)
-    simulate(config)
-    metrics, best = rows(tmp_path / 'counted'), -1.0
+    return sent
+
+
+def expected_messages(metrics, first, last, n_clients):
+    """The messages of rounds first..last (0-based) of a run with rows `metrics`, one per client
+    per round: the clients' check; round `first`'s training alone; then per round r, round
+    r + 1's training with r's evaluation to the clients sampled for r + 1 and r's evaluation
+    alone to the others (all of them after the last round); a request for every client's
+    quantized model in the rounds that improve best.pt."""
+    sampled = [row['sampled'] for row in metrics]
+    best, improved = -1.0, []
     for row in metrics:
-        rnd = row['round'] - 1
-        assert sent.count((rnd, MessageType.TRAIN, None)) == sum(
-            c['sampled'] for c in row['clients']) == 2
-        assert sent.count((rnd, MessageType.EVALUATE, None)) == 3
-        improved = row['q_val_acc_weighted'] > best
+        improved.append(row['q_val_acc_weighted'] > best)
         best = max(best, row['q_val_acc_weighted'])
-        assert sent.count((rnd, MessageType.QUERY, 'best')) == (3 if improved else 0)
-    assert len(metrics) == 3
+    counts = collections.Counter({(MessageType.QUERY, 0, None, None): n_clients,
+                                  (MessageType.TRAIN, first, None, None): len(sampled[first])})
+    for r in range(first, last + 1):
+        following = len(sampled[r + 1]) if r + 1 < len(metrics) else 0
+        counts[(MessageType.TRAIN, r + 1, r, None)] += following
+        counts[(MessageType.EVALUATE, None, r, None)] += n_clients - following
+        counts[(MessageType.QUERY, r, None, 'best')] += n_clients * improved[r]
+    return +counts
 
 
-def test_a_flower_run_killed_after_round_1_and_resumed_equals_an_uninterrupted_one(
+def test_a_killed_and_resumed_flower_run_equals_an_uninterrupted_one_and_its_messages_count(
         cifar_root, tmp_path, monkeypatch):
-    config = run_config(cifar_root, tmp_path, 'killed', rounds=3, client_fraction=0.67)
+    """Killed after round 1 and resumed, the run's rows equal an uninterrupted in-process run's,
+    with half the clients sampled per round. Its messages, counted in both parts, are one per
+    client per round (expected_messages), so every client is evaluated every round."""
+    sent = count_messages(monkeypatch)
+    config = run_config(cifar_root, tmp_path, 'killed', rounds=3, client_fraction=0.5)
     with monkeypatch.context() as patch:
         kill_after_round(patch, 1)  # raised in the server's thread, which the simulation ends
         simulate(config)
-    folder = tmp_path / 'killed'
+    folder, before = tmp_path / 'killed', list(sent)
     assert len(torch.load(folder / 'last.pt', weights_only=True)['rows']) == 1
+    del sent[:]
     simulate({**config, 'resume': str(folder), 'run_name': ''})
     expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})
-    assert rows(folder) == rows(expected)
+    metrics = rows(folder)
+    assert metrics == rows(expected) and len(metrics) == 3
+    assert all(0 < len(row['sampled']) < 3 for row in metrics)
+    assert collections.Counter(before) == expected_messages(metrics, 0, 0, 3)
+    assert collections.Counter(sent) == expected_messages(metrics, 1, 2, 3)
 
 
 # --- deployment: real processes on loopback ------------------------------------------------------
@@ -288,8 +305,8 @@ def test_deploy_tls_authenticated_supernodes_restart_and_refusal(cifar_root, tmp
         run.wait(timeout=900)
         expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})
         assert rows(metrics.parent) == rows(expected)
-        client_file = torch.load(metrics.parent / 'clients' / 'client_1.pt', weights_only=True)
-        assert client_file['completed'] == 3
+        trained = [r + 1 for r, row in enumerate(rows(metrics.parent)) if 1 in row['sampled']]
+        assert (metrics.parent / 'clients' / f'client_1.after_{trained[-1]}.pt').is_file()
     finally:
         deployment.close()
 

@@ -178,7 +178,8 @@ def load_state(cfg, context, folder, dev, after):
         raise runtime.ConfigError(
             f"client {client_id} has no state after round {after} ({path} is missing): it "
             f"cannot continue this run.")
-    STATES[(folder, client_id)] = (after, state)
+    if kept is None or after >= kept[0]:  # an older state, asked for by best.pt, is not kept
+        STATES[(folder, client_id)] = (after, state)
     return state
 
 
@@ -274,14 +275,19 @@ def best_entry(cfg, context, settings, dev):
 @timed
 def describe(msg, context):
     """The client's partition id and count, for the server's check, and its partition (none
-    for an id outside the run's clients, which the server then names); or, when the server
-    asks for it ('want': 'best'), its quantized model after the round, for best.pt."""
+    for an id outside the run's clients, which the server then names), its data and new state
+    made ready for round 1; or, when the server asks for it ('want': 'best'), its quantized
+    model after the round, for best.pt."""
     cfg, settings, dev = client_setup(msg, context)
     if settings.get('want') == 'best':
         return Message(RecordDict({'reply': ConfigRecord({'best': best_entry(
             cfg, context, settings, dev)})}), reply_to=msg)
-    inside = 0 <= partition_id(context) < cfg['n_clients']
-    part = client_data(cfg, context, dev)[0] if inside else None
+    part = None
+    if 0 <= partition_id(context) < cfg['n_clients']:
+        part = client_data(cfg, context, dev)[0]
+        # its new state built before round 1, as main_federated.py builds its clients' (the
+        # first optimizer imports torch._dynamo, about 1.5 s a process)
+        load_state(cfg, context, settings['folder'], dev, 0)
     return Message(RecordDict({'reply': ConfigRecord({
         'partition-id': partition_id(context),
         'num-partitions': int(node_setting(context, 'num-partitions')),
@@ -303,6 +309,7 @@ def train(msg, context):
     reply = {}
     if 'evaluate' in settings:
         reply['entry'] = evaluated_entry(cfg, context, settings, state, global_copy, dataset)
+    STATES.pop((folder, partition_id(context)))  # changed from here on, until keep_state
     with in_federated():
         new_state, weight, metrics = federated.client_round(
             cfg, partition_id(context), state, global_state, global_copy, dataset, rnd)
@@ -434,10 +441,11 @@ def state_after(history, client, rnd):
                  if client in history[r]), 0)
 
 
-def train_messages(cfg, run, rnd, sampled, record, settings, evaluation=None):
+def train_messages(run, rnd, sampled, record, settings, saved, evaluation=None):
     """Round `rnd`'s train message to each sampled client, each carrying the evaluation of round
-    rnd - 1 (`evaluation`: {client: settings}) when there is one."""
-    history, saved = run['history'], len(run['history']) - 1 - (evaluation is not None)
+    rnd - 1 (`evaluation`: {client: settings}) when there is one. `saved`: the rows last.pt
+    holds, whose resume needs each client's state after its last training before them."""
+    history = run['history']
     return [(run['nodes'][c], MessageType.TRAIN, rnd, {
         **settings, **(evaluation or {}).get(c, {}), 'round': rnd,
         'state': state_after(history, c, rnd - 1),
@@ -457,7 +465,7 @@ def flower_round(grid, cfg, run, rnd):
         run['history'].append(sampled)
         record = None if global_model is None else ArrayRecord(federated.model_state(global_model))
         run['pending'] = replies_by_client(run, exchange(grid, train_messages(
-            cfg, run, rnd, sampled, record, settings), run['replies']))
+            run, rnd, sampled, record, settings, rnd), run['replies']))
     replies, sampled = run.pop('pending'), run['history'][rnd]
     trained = {c: json.loads(replies[c].content['reply']['metrics']) for c in sampled}
     if global_model is not None:
@@ -471,7 +479,7 @@ def flower_round(grid, cfg, run, rnd):
     if rnd + 1 < cfg['rounds']:
         following = federated.sample_clients(cfg, run['sampler'])
         run['history'].append(following)
-    requests = train_messages(cfg, run, rnd + 1, following, record, settings, evaluation) + [
+    requests = train_messages(run, rnd + 1, following, record, settings, rnd, evaluation) + [
         (run['nodes'][c], MessageType.EVALUATE, rnd, {
             **settings, **evaluation[c], 'state': state_after(run['history'], c, rnd)}, record)
         for c in range(cfg['n_clients']) if c not in following]
@@ -595,12 +603,19 @@ def main(grid: Grid, context: Context) -> None:
 
 # --- simulation from Python --------------------------------------------------------------------
 
+SIMULATED_CLIENT = {'client_resources': {'num_cpus': 1, 'num_gpus': 0}}  # simulate's default
+
+
 def simulate(run_config, num_supernodes, backend_config=None):
     """A Flower simulation of this app with `run_config` overrides, as `flwr run .
     --run-config ...` runs it: the run config fused from pyproject.toml's defaults and the
     overrides, the ClientApp on `num_supernodes` simulated SuperNodes (partition-id and
-    num-partitions set by the engine). Flower 1.42's public run_simulation passes no run config,
-    so this calls the function it wraps."""
+    num-partitions set by the engine). Each simulated client gets one CPU, so one torch thread
+    (Ray sets OMP_NUM_THREADS to its CPUs), and Ray runs as many at once as there are cores:
+    Flower's default of two CPUs runs two-thread clients beside Ray's and the server's processes,
+    which collapsed on a 2-core machine (docs/flower.md). Flower 1.42's public run_simulation
+    passes no run config, so this calls the function it wraps."""
+    import copy
     from flwr.common.config import get_fused_config_from_dir
     from flwr.simulation.run_simulation import EventType, _run_simulation
 
@@ -612,7 +627,7 @@ def simulate(run_config, num_supernodes, backend_config=None):
             f"({', '.join(pyproject_defaults())}).")
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                       run_config=get_fused_config_from_dir(APP_DIR, dict(run_config)))
-    result = _run_simulation(num_supernodes=num_supernodes, client_app=client, server_app=server,
-                             backend_config=backend_config, server_app_context=context,
-                             run=None, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
-    return result
+    return _run_simulation(num_supernodes=num_supernodes, client_app=client, server_app=server,
+                           backend_config=copy.deepcopy(backend_config or SIMULATED_CLIENT),
+                           server_app_context=context, run=None,
+                           exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)

@@ -7,7 +7,8 @@ this machine, whether their rows are equal, and where the simulation's round tim
 
 Each case (ARCH:CLIENTSxROUNDS) runs at each thread count, `--repeats` times. Each run is its
 own process, timed from its start to its end (start-up included); the rounds' own times come
-from metrics.jsonl. The in-process run uses T torch threads and the simulation gives each
+from metrics.jsonl (on Flower, round r's row holds round r's evaluation and round r + 1's
+training, and the first row round 1's training too, so only their mean compares). The in-process run uses T torch threads and the simulation gives each
 SuperNode T CPUs (Ray then runs cores / T SuperNodes at once, each with T threads), so their
 numbers can be compared bit for bit. A Flower row also says how long its clients spent inside
 flower_app's handlers and inside federated.py's units (summed over clients: `glue` is the

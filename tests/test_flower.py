@@ -28,7 +28,7 @@ from conftest import ROOT, assert_same_best, kill_after_round
 flwr = pytest.importorskip('flwr', reason='Flower is not installed: pip install -r '
                                           'requirements-flower.txt')
 import flower_app  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict  # noqa: E402
 
 THREADS = 1  # each simulated client runs on one CPU (one torch thread), and so does the
 # in-process run it is compared with: the reference's sums follow the thread count
@@ -91,8 +91,7 @@ def run_config(cifar_root, folder, name, **extra):
 
 
 def simulate(config):
-    flower_app.simulate(config, config['n_clients'],
-                        backend_config={'client_resources': {'num_cpus': 1, 'num_gpus': 0}})
+    flower_app.simulate(config, config['n_clients'])  # one CPU and one thread per client
 
 
 def in_process(config):
@@ -131,6 +130,32 @@ def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, t
             {**script_cfg, 'results_dir': '', 'kind': ''})
     assert flower_parts == script_parts
     assert_same_best(folder, expected)
+
+
+def test_a_client_keeps_its_newest_state_and_reads_older_ones_from_their_files(tmp_path):
+    """A client's process keeps the state of its last training; asking for an older one (the
+    state best.pt wants) reads that one's file and leaves the kept one, which the next message
+    gets without reading a file; files older than `keep` go."""
+    cfg = {**flower_app.pyproject_defaults(), 'client_archs': ('cifarnet',)}
+    context = Context(run_id=0, node_id=0, node_config={'partition-id': 1}, state=RecordDict(),
+                      run_config={})
+    dev, folder = torch.device('cpu'), str(tmp_path)
+    old = flower_app.load_state(cfg, context, folder, dev, 0)
+    flower_app.keep_state(context, folder, old, 3, keep=0)
+    with torch.no_grad():
+        next(old['model'].parameters()).add_(1.0)
+    flower_app.keep_state(context, folder, old, 5, keep=3)
+    flower_app.STATES.pop((folder, 1))
+    newest = flower_app.load_state(cfg, context, folder, dev, 5)  # from its file
+    earlier = flower_app.load_state(cfg, context, folder, dev, 3)
+    assert earlier is not newest
+    assert not torch.equal(next(earlier['model'].parameters()), next(newest['model'].parameters()))
+    assert flower_app.load_state(cfg, context, folder, dev, 5) is newest
+    flower_app.keep_state(context, folder, newest, 6, keep=5)
+    assert sorted(os.listdir(tmp_path / 'clients')) == ['client_1.after_5.pt',
+                                                        'client_1.after_6.pt']
+    with pytest.raises(runtime.ConfigError, match='no state after round 4'):
+        flower_app.load_state(cfg, context, folder, dev, 4)
 
 
 def count_messages(monkeypatch):

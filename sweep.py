@@ -386,7 +386,7 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
             left_out.append({'run': os.path.basename(folder), 'reason': str(e)})
             continue
         key = tuple((name, split_value(run[name])[0]) for name in axes if name != 'seed')
-        seed = run.get('seed', '')
+        seed = split_value(run.get('seed', ''))[0]  # named without its own settings
         settings.setdefault(key, {})[seed] = result
         folders.setdefault(key, {})[seed] = os.path.basename(folder)
     entries = []

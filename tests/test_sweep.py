@@ -126,6 +126,18 @@ def test_summary_statistics_equal_hand_computed_ones(tmp_path):
     assert summary['code'] == [{'commit': 'a' * 40, 'clean': True}]
 
 
+def test_seeds_with_settings_of_their_own_are_named_by_their_value(tmp_path):
+    """--seed=1@global_pretrained=... (a teacher per seed): the summary names seed 1."""
+    write_fixture(tmp_path)
+    runs = [{'seed': f'{s}@global_pretrained=/teachers/{s}.pt', 'algorithm': a}
+            for s in (1, 2, 3) for a in ('quped', 'local')]
+    summary = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', ['local'])
+    quped = next(e for e in summary['settings'] if e['setting'] == {'algorithm': 'quped'})
+    assert quped['seeds'] == ['1', '2', '3']
+    assert quped['vs']['local']['selected']['seeds'] == ['1', '2', '3']
+    assert '1: +5.0, 2: +25.0, 3: +15.0' in sweep.summary_markdown(summary)
+
+
 def correlated_results(offsets, noise, clients=10):
     """{seed: run result} whose clients share their seed's offset."""
     return {str(seed): {'selected': {

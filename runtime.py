@@ -355,12 +355,16 @@ class Clock:
 
 # --- running ---------------------------------------------------------------------------------
 
+PROGRESS_FORMAT = '{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]'
+
+
 def progress(items, total, label, unit):
     """`items` as they come, with tqdm's bar (count, rate, time left) on stderr when `label` is
-    given and stderr is a terminal; logs and CI output stay clean. The bar goes once done."""
+    given and stderr is a terminal; logs and CI output stay clean. The bar goes once done. The
+    rate is always items a second (tqdm's default turns a slow one into seconds an item)."""
     return tqdm.tqdm(items, total=total, desc=label, unit=f' {unit}', leave=False,
                      disable=not label or not sys.stderr.isatty(), file=sys.stderr,
-                     mininterval=0.5)
+                     mininterval=0.5, bar_format=PROGRESS_FORMAT)
 
 
 class OutputError(Exception):

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import tqdm
 
 import main_centralized as mc
 import main_federated as mf
@@ -109,3 +110,10 @@ def test_progress_shows_on_a_terminal_only(cifar_root, tmp_path, capsys, monkeyp
     assert bars and all(bar.startswith('epoch 1: ') and '/4 [' in bar and 'batches/s' in bar
                         for bar in bars)
     assert terminal.text.endswith('\r')  # the line is cleared for the epoch's own line
+
+
+def test_a_slow_bar_still_counts_batches_a_second():
+    # tqdm's default shows '2.00s/ batches' below one a second (a slow CI machine did)
+    bar = tqdm.tqdm.format_meter(n=1, total=4, elapsed=2.0, prefix='epoch 1', unit=' batches',
+                                 bar_format=runtime.PROGRESS_FORMAT)
+    assert bar.endswith('1/4 [00:02<00:06,  0.50 batches/s]')

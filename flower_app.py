@@ -190,11 +190,11 @@ def keep_state(context, folder, state, after, keep):
     STATES[(folder, partition_id(context))] = (after, state)
     runs.write_atomic(state_file(folder, context, after),
                       runs.torch_bytes(federated.saved_client_state(state)))
-    prefix = f'client_{partition_id(context)}.after_'
-    for name in os.listdir(state_folder(folder, context)):
+    prefix, states = f'client_{partition_id(context)}.after_', state_folder(folder, context)
+    for name in os.listdir(states):
         if name.startswith(prefix) and name.endswith('.pt') and \
                 int(name[len(prefix):-3]) < keep:
-            os.remove(os.path.join(state_folder(folder, context), name))
+            os.remove(os.path.join(states, name))
 
 
 def timed(handler):

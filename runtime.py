@@ -355,7 +355,8 @@ class Clock:
 
 # --- running ---------------------------------------------------------------------------------
 
-PROGRESS_FORMAT = '{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]'
+PROGRESS_FORMAT = ('{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, '
+                   '{rate_noinv_fmt}{postfix}]')
 
 
 def progress(items, total, label, unit):

@@ -43,10 +43,11 @@ def check_config(cfg):
     """Raise ConfigError for values a federated run cannot use."""
     problems = []
     for name, allowed in (('algorithm', ALGORITHMS), ('partition', PARTITIONS),
-                          ('kd_form', KD_FORMS), ('kd_form_center', KD_FORMS),
+                          ('kd_form', KD_FORMS), ('kd_form_center', ('', *KD_FORMS)),
                           ('aggregation', AGGREGATIONS), ('global_teacher', GLOBAL_TEACHERS)):
         if cfg[name] not in allowed:
-            problems.append(f"{name}={cfg[name]!r} is not one of {', '.join(allowed)}")
+            problems.append(f"{name}={cfg[name]!r} is not one of "
+                            f"{', '.join(a or repr(a) for a in allowed)}")
     for name in ('n_clients', 'rounds', 'local_epochs', 'BATCH_SIZE', 'freeze_round'):
         if cfg[name] < 1:
             problems.append(f"{name}={cfg[name]}: must be at least 1")
@@ -357,6 +358,12 @@ def model_bytes(model):
 
 # --- one client's round ----------------------------------------------------------------------
 
+def center_kd_form(cfg):
+    """The center step's KD form: kd_form_center, or kd_form's where it is '' (unset), so that
+    the weights and the centers descend one objective unless asked otherwise."""
+    return cfg['kd_form_center'] or cfg['kd_form']
+
+
 def kd_settings(cfg, form, lambda_p=None):
     return {'lambda_p': cfg['lambda_p'] if lambda_p is None else lambda_p, 'temp': cfg['temp'],
             'scale_student': form == 'hinton'}
@@ -377,7 +384,7 @@ def quped_client_step(cfg, state, global_copy, global_optimizer, x, y, sched, lr
     """QuPeD's client iteration on one batch:
     (a) a step of the personalised model x_i on the KD loss (kd_form) towards the global copy
         w_i, then Algorithm 1's prox step;
-    (b) Algorithm 1's center step with the KD loss (kd_form_center) through Q_c(x_i);
+    (b) Algorithm 1's center step with the KD loss (center_kd_form) through Q_c(x_i);
     (c) a step of w_i on the KD loss (kd_form, weight global_lambda_p: 0 is FedAvg's local step)
         towards Q_c(x_i)'s logits from (b) (global_teacher='quantized') or x_i's from (a).
     w_i's teacher logits are those of its training-mode forward, which is also (c)'s graph
@@ -397,7 +404,7 @@ def quped_client_step(cfg, state, global_copy, global_optimizer, x, y, sched, lr
     quantized_logits = personal_logits
     if weights is not None:
         utils.prox_step(weights, centers, lr1, sched['lam'], l1=cfg['l1'], lr2=sched['lr2'])
-        center_kd = kd_settings(cfg, cfg['kd_form_center'])
+        center_kd = kd_settings(cfg, center_kd_form(cfg))
         members, quantized_logits = utils.center_step(
             weights, centers, x, y, sched['lr2'], sched['lam2'], l1=cfg['l1'],
             center_reg_fix=cfg['center_reg_fix'],

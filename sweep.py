@@ -17,8 +17,10 @@ accuracy at the round chosen on validation and at the last round (weighted by te
 the mean over clients), and each setting's paired difference from the setting with
 `--compare=<axis>` equal to a `--baseline`, its other values the same. Seeds are the unit: one
 difference per seed (of the mean over the seed's clients, and of the image-weighted accuracy),
-and a t interval over those, seeds - 1 degrees of freedom (`paired`). `python plot.py
---sweep=<folder>` draws it.
+and a t interval over those, seeds - 1 degrees of freedom (`paired`). For a search, it names the
+setting of highest validation accuracy (at each run's selected round, mean over seeds) per value
+of the compared axis, or among all settings without one, and how many it was chosen from.
+`python plot.py --sweep=<folder>` draws it.
 
 Options of the sweep itself: --sweep=NAME (its folder under results_dir; default: the script's
 name and the date), --compare=NAME (default: algorithm when it is an axis),
@@ -318,8 +320,9 @@ def accuracy_keys(row):
 def run_results(folder):
     """A finished run's test accuracies at the round (epoch) chosen on validation and at the
     last: weighted, mean over clients, and per client ({client id: [accuracy, test images]}; a
-    centralized run is one client). Without validation images nothing is chosen: 'selected' is
-    None. Raises runs.RunError for rows it cannot read."""
+    centralized run is one client), with the (weighted) validation accuracy of that round.
+    Without validation images nothing is chosen: 'selected' is None. Raises runs.RunError for
+    rows it cannot read."""
     cfg, rows = runs.read_config(folder), runs.read_rows(folder)
     try:
         if runs.kind_of(cfg) != 'centralized':
@@ -327,6 +330,7 @@ def run_results(folder):
 
             def accuracies(row):
                 return {'weighted': row['q_test_acc_weighted'], 'mean': row['q_test_acc_mean'],
+                        'validation': row['q_val_acc_weighted'],
                         'round': row['round'], 'clients': {
                             str(c['client']): [c['q_test_acc'], c['n_test']]
                             for c in row['clients']}}
@@ -336,8 +340,8 @@ def run_results(folder):
                         else None)
 
             def accuracies(row):
-                return {'weighted': row[test], 'mean': row[test], 'round': row['epoch'],
-                        'clients': {'0': [row[test], None]}}
+                return {'weighted': row[test], 'mean': row[test], 'validation': row.get(val),
+                        'round': row['epoch'], 'clients': {'0': [row[test], None]}}
         return {'selected': None if selected is None else accuracies(selected),
                 'last': accuracies(rows[-1]), 'code': cfg.get('code')}
     except (KeyError, TypeError, IndexError) as e:
@@ -392,6 +396,8 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
     entries = []
     for key, results in settings.items():
         entry = {'setting': dict(key), 'seeds': list(results)}
+        validation = [r['selected']['validation'] for r in results.values() if r['selected']]
+        entry['selected_validation'] = over_seeds(validation) if validation else None
         for when in ('selected', 'last'):
             for stat in ('weighted', 'mean'):
                 values = [r[when][stat] for r in results.values() if r[when]]
@@ -411,7 +417,22 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
                       for r in results.values() for version in (r['code'] or [None])})
     return {'axes': axes, 'compare': compare, 'baselines': baselines, 'unit': 'seed',
             'level': LEVEL, 'settings': entries, 'left_out': left_out,
+            'chosen_on_validation': chosen_on_validation(entries, compare),
             'code': [json.loads(c) for c in commits]}
+
+
+def chosen_on_validation(entries, compare):
+    """What a search chooses: per value of the compared axis (or over every setting, without
+    one), the setting with the highest mean over seeds of the validation accuracy at its
+    selected round, and how many settings it was chosen from (the value's tuning budget)."""
+    groups = {}
+    for entry in entries:
+        if entry['selected_validation'] is not None:
+            groups.setdefault(entry['setting'].get(compare), []).append(entry)
+    return [{'group': value, 'tried': len(group),
+             'setting': (best := max(group, key=lambda e: e['selected_validation']['mean']))[
+                 'setting'], 'validation': best['selected_validation']['mean']}
+            for value, group in groups.items()]
 
 
 def percent(stats):
@@ -442,7 +463,8 @@ def summary_markdown(summary):
     """A markdown table of summary.json: accuracies in percent, mean ± std over seeds; paired
     differences in points with their interval over seeds."""
     axes = [a for a in summary['axes'] if a != 'seed']
-    header = [*axes, 'seeds', 'test acc at val-selected round (weighted)', '(mean over clients)',
+    header = [*axes, 'seeds', 'validation acc at the selected round (weighted)',
+              'test acc at val-selected round (weighted)', '(mean over clients)',
               'last round (weighted)', '(mean over clients)']
     for baseline in summary['baselines']:
         header += [f"vs {baseline}: selected round, mean over clients [95 % CI] ±half",
@@ -453,8 +475,8 @@ def summary_markdown(summary):
              '| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for entry in summary['settings']:
         cells = [entry['setting'][a] for a in axes] + [', '.join(entry['seeds'])]
-        cells += [percent(entry[k]) for k in ('selected_weighted', 'selected_mean',
-                                              'last_weighted', 'last_mean')]
+        cells += [percent(entry[k]) for k in ('selected_validation', 'selected_weighted',
+                                              'selected_mean', 'last_weighted', 'last_mean')]
         for baseline in summary['baselines']:
             versus = entry['vs'].get(baseline)
             if entry['setting'].get(summary['compare']) == baseline:
@@ -465,6 +487,11 @@ def summary_markdown(summary):
                           difference(selected and selected['weighted']),
                           difference(last and last['mean'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    for chosen in summary['chosen_on_validation']:
+        among = '' if chosen['group'] is None else f" among the {chosen['group']} settings"
+        setting = ', '.join(f'{k}={v}' for k, v in chosen['setting'].items()) or 'the one run'
+        lines.append(f"\nChosen on validation{among}: {setting} "
+                     f"({100 * chosen['validation']:.1f} %, of {chosen['tried']} tried).")
     for item in summary['left_out']:
         lines.append(f"\nLeft out: {item['run']}: {item['reason']}.")
     commits = ', '.join(f"{c['commit'][:12]}{'' if c['clean'] else ' (uncommitted changes)'}"

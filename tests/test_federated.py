@@ -335,6 +335,25 @@ def test_the_numbers_of_a_quped_client_iteration(cifar_root, tmp_path, monkeypat
     assert torch.equal(state['weights'].flat(), want_after_prox)
 
 
+@pytest.mark.parametrize('kd_form, kd_form_center, center_scales', [
+    ('hinton', '', True), ('released', '', False), ('hinton', 'released', False),
+    ('released', 'hinton', True)])
+def test_the_center_step_distils_with_kd_form_unless_its_own_form_is_set(
+        cifar_root, tmp_path, monkeypatch, kd_form, kd_form_center, center_scales):
+    cfg, clients, global_model, datasets = small_run(
+        cifar_root, tmp_path, f'--kd_form={kd_form}', f'--kd_form_center={kd_form_center}')
+    state = clients[0]
+    global_copy = resnet.build('resnet8')
+    global_copy.load_state_dict(global_model.state_dict())
+    x, y = next(data.train_batches(datasets[0], 20, state['generator']))
+    calls = recorded_kd_calls(monkeypatch)
+    federated.quped_client_step(cfg, state, global_copy,
+                                federated.global_optimizer_for(cfg, state, global_copy), x, y,
+                                federated.round_schedule(cfg, 3, 'resnet8'), 1e-2)
+    assert [call['scale_student'] for call in calls] == [
+        kd_form == 'hinton', center_scales, kd_form == 'hinton']
+
+
 def test_qupel_with_full_precision_clients_is_ditto(cifar_root, tmp_path):
     """One QuPeL iteration at bits 0 against a hand-written Ditto step: the personal model on
     cross-entropy plus lambda/2 ||v - w||^2 (Adam), the global copy on cross-entropy (SGD)."""
@@ -578,6 +597,7 @@ def test_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, monkeypatc
     (['--algorithm=fedprox'], ["algorithm='fedprox'",
                                'quped, qupel, fedavg, fedavg_ft, fedavg_qft, local']),
     (['--partition=iid'], ["partition='iid'"]),
+    (['--kd_form_center=exact'], ["kd_form_center='exact' is not one of '', released, hinton"]),
     (['--client_bits=(1,9)'], ['client_bits']),
     (['--client_fraction=0'], ['client_fraction=0.0']),
     (['--lambda_p=1.5'], ['lambda_p=1.5']),

@@ -126,6 +126,32 @@ def test_summary_statistics_equal_hand_computed_ones(tmp_path):
     assert summary['code'] == [{'commit': 'a' * 40, 'clean': True}]
 
 
+def test_a_search_chooses_the_setting_of_highest_validation_accuracy(tmp_path):
+    """The two algorithms of the fixture as two settings of one search (no compared axis),
+    then as two searches of one setting each (compared along algorithm)."""
+    write_fixture(tmp_path)
+    runs = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]
+    summary = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], None, [])
+    by_algorithm = {e['setting']['algorithm']: e for e in summary['settings']}
+    # weighted validation accuracy (1 x v0 + 3 x v1) / 4 at each seed's selected round
+    assert by_algorithm['quped']['selected_validation']['values'] == pytest.approx(
+        [0.75, 0.9, 0.55])
+    assert by_algorithm['local']['selected_validation']['values'] == pytest.approx(
+        [0.55, 0.5, 0.4])
+    chosen, = summary['chosen_on_validation']
+    assert chosen['group'] is None and chosen['tried'] == 2
+    assert chosen['setting'] == {'algorithm': 'quped'}
+    assert chosen['validation'] == pytest.approx(2.2 / 3)
+    table = sweep.summary_markdown(summary)
+    assert '| quped | 1, 2, 3 | 73.3 ± 17.6 |' in table
+    assert 'Chosen on validation: algorithm=quped (73.3 %, of 2 tried).' in table
+    per_algorithm = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', [])
+    assert [(c['group'], c['tried']) for c in per_algorithm['chosen_on_validation']] == [
+        ('quped', 1), ('local', 1)]
+    assert 'Chosen on validation among the local settings: algorithm=local (48.3 %, of 1 ' \
+           'tried).' in sweep.summary_markdown(per_algorithm)
+
+
 def test_seeds_with_settings_of_their_own_are_named_by_their_value(tmp_path):
     """--seed=1@global_pretrained=... (a teacher per seed): the summary names seed 1."""
     write_fixture(tmp_path)
@@ -213,6 +239,7 @@ def test_a_full_precision_centralized_run_is_summarised_on_its_own_accuracy(tmp_
     assert runs.status(folder) == 'finished'
     result = sweep.run_results(folder)
     assert result['selected']['weighted'] == 0.4 and result['selected']['round'] == 1
+    assert result['selected']['validation'] == 0.5
     assert result['last']['mean'] == 0.6
 
 

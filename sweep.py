@@ -22,6 +22,12 @@ setting of highest validation accuracy (at each run's selected round, mean over 
 of the compared axis, or among all settings without one, and how many it was chosen from.
 `python plot.py --sweep=<folder>` draws it.
 
+    python sweep.py --pair='Results/other/seed=*' \\
+        --to='Results/cnn_pathological/seed=*,algorithm=local'
+
+pairs the runs of two sweeps (or of two settings) by their seed, the same way, and with
+--out=FILE.json keeps the result.
+
 Options of the sweep itself: --sweep=NAME (its folder under results_dir; default: the script's
 name and the date), --compare=NAME (default: algorithm when it is an axis),
 --baseline=VALUE[,VALUE...], --jobs=N runs at a time (default 1), --threads=N torch threads per
@@ -31,6 +37,7 @@ if __name__ == '__main__':  # first, so that a Ctrl-C while torch loads ends qui
     import startup  # noqa: F401
 import concurrent.futures
 import datetime
+import glob
 import itertools
 import json
 import math
@@ -574,10 +581,105 @@ def sweep(argv):
                          "same command again to run them anew.")
 
 
+# --- pairing runs of different sweeps ------------------------------------------------------
+
+PAIR_OPTIONS = ('pair', 'to', 'out')
+
+
+def runs_by_seed(pattern):
+    """{seed: folder} of the finished runs whose folders match the glob `pattern`, and the
+    matching folders left out as not finished; one run a seed."""
+    by_seed, unfinished = {}, []
+    for folder in sorted(glob.glob(pattern)):
+        if not os.path.isfile(os.path.join(folder, 'config.json')):
+            continue
+        if runs.status(folder) != 'finished':
+            unfinished.append(folder)
+            continue
+        seed = str(runs.read_config(folder).get('seed'))
+        if seed in by_seed:
+            raise SweepError(f"{by_seed[seed]} and {folder} both match {pattern!r} and are runs "
+                             f"of seed {seed}: narrow the pattern to one run a seed.")
+        by_seed[seed] = folder
+    if not by_seed:
+        raise SweepError(f"no finished run's folder matches {pattern!r}: give a glob pattern of "
+                         f"run folders, e.g. 'Results/my_sweep/seed=*,algorithm=local'.")
+    return by_seed, unfinished
+
+
+def pair_runs(ours_pattern, theirs_pattern):
+    """The paired difference (`paired`, seeds as the unit) of the runs matching `ours_pattern`
+    from those matching `theirs_pattern`, matched by their configurations' seed: runs of two
+    sweeps, or of one setting against another sweep's."""
+    ours, ours_unfinished = runs_by_seed(ours_pattern)
+    theirs, theirs_unfinished = runs_by_seed(theirs_pattern)
+    seeds = sorted(set(ours) & set(theirs), key=lambda s: (len(s), s))
+    if not seeds:
+        raise SweepError(f"no seed has a finished run on both sides (seeds {', '.join(ours)} "
+                         f"against {', '.join(theirs)}): the patterns must match runs of the "
+                         f"same seeds.")
+    names = {seed: (ours[seed], theirs[seed]) for seed in seeds}
+    mine = {seed: run_results(ours[seed]) for seed in seeds}
+    other = {seed: run_results(theirs[seed]) for seed in seeds}
+    commits = sorted({json.dumps(version, sort_keys=True) for result in (*mine.values(),
+                                                                          *other.values())
+                      for version in (result['code'] or [None])})
+    return {'ours': ours_pattern, 'theirs': theirs_pattern, 'unit': 'seed', 'level': LEVEL,
+            'runs': {seed: list(names[seed]) for seed in seeds},
+            'unpaired': sorted(set(ours) ^ set(theirs), key=lambda s: (len(s), s)),
+            'not_finished': ours_unfinished + theirs_unfinished,
+            'selected': paired(mine, other, 'selected', names),
+            'last': paired(mine, other, 'last', names),
+            'code': [json.loads(c) for c in commits]}
+
+
+def pair_markdown(pair):
+    lines = [f"{pair['ours']} - {pair['theirs']}: paired differences in points, seeds as the "
+             f"unit (t interval, {100 * pair['level']:.0f} %, seeds - 1 degrees of freedom).", '',
+             '| round | seeds | mean over clients [95 % CI] ±half | per seed | '
+             'image-weighted [95 % CI] |', '| --- | --- | --- | --- | --- |']
+    for when, label in (('selected', 'chosen on validation'), ('last', 'last')):
+        versus = pair[when]
+        if versus is None:
+            lines.append(f"| {label} | - | - | - | - |")
+            continue
+        lines.append(f"| {label} | {', '.join(versus['seeds'])} | {difference(versus['mean'])} "
+                     f"| {per_seed(versus)} | {difference(versus['weighted'])} |")
+    if pair['unpaired']:
+        lines.append(f"\nSeeds on one side only (left out): {', '.join(pair['unpaired'])}.")
+    if pair['not_finished']:
+        lines.append(f"\nNot finished (left out): {', '.join(pair['not_finished'])}.")
+    return '\n'.join(lines) + '\n'
+
+
+def pair(argv):
+    """python sweep.py --pair=PATTERN --to=PATTERN [--out=FILE.json]"""
+    options = {}
+    for arg in argv:
+        name, eq, text = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq or name not in PAIR_OPTIONS or name in options:
+            raise SweepError(f"cannot read {arg!r}: pair runs with --pair=PATTERN --to=PATTERN "
+                             f"and, to keep the result, --out=FILE.json, each once.")
+        options[name] = text
+    if 'to' not in options:
+        raise SweepError("--pair needs --to=PATTERN, the runs to subtract.")
+    try:
+        result = pair_runs(options['pair'], options['to'])
+    except runs.RunError as e:
+        raise SweepError(f"{e}; the pairs were not computed.") from None
+    print(pair_markdown(result))
+    if 'out' in options:
+        runs.write_json(options['out'], result)
+        print(f"pairs: {options['out']}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     runtime.handle_stop_signals()
     try:
+        if any(arg.startswith('--pair=') for arg in argv):
+            pair(argv)
+            return
         sweep(argv)
     except (SweepError, runtime.ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -152,6 +152,43 @@ def test_a_search_chooses_the_setting_of_highest_validation_accuracy(tmp_path):
            'tried).' in sweep.summary_markdown(per_algorithm)
 
 
+def test_runs_of_two_sweeps_pair_by_seed_as_within_one(tmp_path, capsys):
+    """--pair on the fixture's quped runs and --to its local runs, as if they were two
+    sweeps' folders, gives the summary's paired differences."""
+    write_fixture(tmp_path)
+    runs = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]
+    summary = sweep.summarise(tmp_path, runs, ['seed', 'algorithm'], 'algorithm', ['local'])
+    within = next(e for e in summary['settings']
+                  if e['setting'] == {'algorithm': 'quped'})['vs']['local']
+    out = tmp_path / 'pairs.json'
+    sweep.main([f'--pair={tmp_path}/seed=*,algorithm=quped',
+                f'--to={tmp_path}/seed=*,algorithm=local', f'--out={out}'])
+    across = json.loads(out.read_text())
+    for when in ('selected', 'last'):
+        assert across[when]['seeds'] == within[when]['seeds'] == ['1', '2', '3']
+        assert across[when]['differences_mean'] == pytest.approx(
+            within[when]['differences_mean'])
+        assert across[when]['weighted'] == pytest.approx(within[when]['weighted'])
+    assert across['runs']['2'] == [str(tmp_path / 'seed=2,algorithm=quped'),
+                                   str(tmp_path / 'seed=2,algorithm=local')]
+    assert '1: +5.0, 2: +25.0, 3: +15.0' in capsys.readouterr().out
+
+
+def test_pairing_needs_one_run_a_seed_on_each_side(tmp_path, capsys):
+    write_fixture(tmp_path)
+    exits_with_error(capsys, sweep.main, [f'--pair={tmp_path}/seed=1,*',
+                                          f'--to={tmp_path}/seed=*,algorithm=local'],
+                     'are runs of seed 1: narrow the pattern')
+    exits_with_error(capsys, sweep.main, [f'--pair={tmp_path}/seed=9*',
+                                          f'--to={tmp_path}/seed=*,algorithm=local'],
+                     "no finished run's folder matches")
+    exits_with_error(capsys, sweep.main, [f'--pair={tmp_path}/seed=1,algorithm=quped',
+                                          f'--to={tmp_path}/seed=2,algorithm=local'],
+                     'no seed has a finished run on both sides (seeds 1 against 2)')
+    exits_with_error(capsys, sweep.main, [f'--pair={tmp_path}/seed=*,algorithm=quped'],
+                     '--pair needs --to=PATTERN')
+
+
 def test_seeds_with_settings_of_their_own_are_named_by_their_value(tmp_path):
     """--seed=1@global_pretrained=... (a teacher per seed): the summary names seed 1."""
     write_fixture(tmp_path)

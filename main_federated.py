@@ -52,7 +52,8 @@ lambda_p = 0.1                 # KD weight in (a) and (b): (1 - lambda_p) CE + l
 temp = 2.0                     # KD temperature T
 kd_form = 'hinton'             # KD in (a) and (c): 'hinton' (student's logits / T too) or
                                # 'released' (only the teacher's, quirk 8)
-kd_form_center = 'released'    # KD in the center step (b): the released form
+kd_form_center = ''            # KD in the center step (b): '' = kd_form's; 'released' (the
+                               # released code's) or 'hinton' sets it apart
 global_lambda_p = 0.5          # KD weight of (c), the global copy's step (0: FedAvg's step)
 global_teacher = 'quantized'   # (c)'s teacher: 'quantized' Q_c(x_i) or 'full_precision' x_i
 teacher_train_mode = True      # w_i teaches with its training-mode logits (False: eval mode)

@@ -679,7 +679,7 @@ def test_the_defaults_are_the_validation_search_choices():
     assert (d['rounds'], d['lr2_milestones'], d['freeze_round']) == (
         quped['rounds'], tuple(quped['lr2_milestones']), quped['freeze_round']) == (
         150, (round(80 * 150 / 250), round(140 * 150 / 250)), round(200 * 150 / 250))
-    assert d['kd_form_center'] == 'released' and d['center_reg_fix'] is True
+    assert d['kd_form_center'] == '' and d['center_reg_fix'] is True
 
 
 class FixedLogits(torch.nn.Module):

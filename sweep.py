@@ -431,15 +431,22 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
 def chosen_on_validation(entries, compare):
     """What a search chooses: per value of the compared axis (or over every setting, without
     one), the setting with the highest mean over seeds of the validation accuracy at its
-    selected round, and how many settings it was chosen from (the value's tuning budget)."""
+    selected round, and how many settings it was chosen from (the value's tuning budget). Of
+    settings tied at the highest, the first in the grid's order is chosen and the others are
+    named."""
     groups = {}
     for entry in entries:
         if entry['selected_validation'] is not None:
             groups.setdefault(entry['setting'].get(compare), []).append(entry)
-    return [{'group': value, 'tried': len(group),
-             'setting': (best := max(group, key=lambda e: e['selected_validation']['mean']))[
-                 'setting'], 'validation': best['selected_validation']['mean']}
-            for value, group in groups.items()]
+    chosen = []
+    for value, group in groups.items():
+        best = max(group, key=lambda e: e['selected_validation']['mean'])
+        top = best['selected_validation']['mean']
+        chosen.append({'group': value, 'tried': len(group), 'setting': best['setting'],
+                       'validation': top, 'tied_with': [
+                           e['setting'] for e in group if e is not best
+                           and e['selected_validation']['mean'] == top]})
+    return chosen
 
 
 def percent(stats):
@@ -497,8 +504,10 @@ def summary_markdown(summary):
     for chosen in summary['chosen_on_validation']:
         among = '' if chosen['group'] is None else f" among the {chosen['group']} settings"
         setting = ', '.join(f'{k}={v}' for k, v in chosen['setting'].items()) or 'the one run'
+        ties = ''.join(f"; tied with {', '.join(f'{k}={v}' for k, v in tie.items())}"
+                       for tie in chosen['tied_with'])
         lines.append(f"\nChosen on validation{among}: {setting} "
-                     f"({100 * chosen['validation']:.1f} %, of {chosen['tried']} tried).")
+                     f"({100 * chosen['validation']:.1f} %, of {chosen['tried']} tried{ties}).")
     for item in summary['left_out']:
         lines.append(f"\nLeft out: {item['run']}: {item['reason']}.")
     commits = ', '.join(f"{c['commit'][:12]}{'' if c['clean'] else ' (uncommitted changes)'}"

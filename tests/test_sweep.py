@@ -152,6 +152,21 @@ def test_a_search_chooses_the_setting_of_highest_validation_accuracy(tmp_path):
            'tried).' in sweep.summary_markdown(per_algorithm)
 
 
+def test_a_tie_goes_to_the_first_setting_and_names_the_others():
+    entries = [{'setting': {'ft_epochs': e, 'lambda_coef': c},
+                'selected_validation': {'mean': v}}
+               for (e, c), v in zip([('1', '1e-3'), ('2', '1e-3'), ('1', '1e-2'), ('2', '1e-2')],
+                                    [0.6, 0.7, 0.6, 0.7])]
+    chosen, = sweep.chosen_on_validation(entries, None)
+    assert chosen['setting'] == {'ft_epochs': '2', 'lambda_coef': '1e-3'}
+    assert chosen['tied_with'] == [{'ft_epochs': '2', 'lambda_coef': '1e-2'}]
+    table = sweep.summary_markdown({'axes': [], 'baselines': [], 'level': 0.95, 'settings': [],
+                                    'chosen_on_validation': [chosen], 'left_out': [],
+                                    'code': []})
+    assert ('ft_epochs=2, lambda_coef=1e-3 (70.0 %, of 4 tried; tied with ft_epochs=2, '
+            'lambda_coef=1e-2)') in table
+
+
 def test_runs_of_two_sweeps_pair_by_seed_as_within_one(tmp_path, capsys):
     """--pair on the fixture's quped runs and --to its local runs, as if they were two
     sweeps' folders, gives the summary's paired differences."""

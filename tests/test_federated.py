@@ -679,7 +679,31 @@ def test_the_defaults_are_the_validation_search_choices():
     assert (d['rounds'], d['lr2_milestones'], d['freeze_round']) == (
         quped['rounds'], tuple(quped['lr2_milestones']), quped['freeze_round']) == (
         150, (round(80 * 150 / 250), round(140 * 150 / 250)), round(200 * 150 / 250))
-    assert d['kd_form_center'] == '' and d['center_reg_fix'] is True
+    assert d['center_reg_fix'] is True
+
+
+def equal_budget_choice(method):
+    """The setting the equal-budget search chose for `method`, checked against its runs'
+    validation accuracies, and how many settings it was chosen from."""
+    with open(ROOT / 'docs' / 'results' / 'search_equal' / f'search_equal_{method}' /
+              'summary.json') as f:
+        summary = json.load(f)
+    chosen, = summary['chosen_on_validation']
+    best = max(summary['settings'], key=lambda e: e['selected_validation']['mean'])
+    assert chosen['setting'] == best['setting']
+    return {name: runtime.parse_value(mf.DEFAULTS, name, text)
+            for name, text in chosen['setting'].items()}, chosen['tried']
+
+
+def test_the_defaults_hold_the_equal_budget_search_choices_of_quped_and_local():
+    """docs/results/search_equal: four settings each; QuPeD's center step follows kd_form
+    (Hinton's) and local training keeps lambda_coef 1e-3."""
+    d = mf.DEFAULTS
+    quped, tried = equal_budget_choice('quped')
+    assert tried == 4 and quped == {'kd_form_center': 'hinton', 'lambda_p': d['lambda_p']}
+    assert d['kd_form_center'] == '' and federated.center_kd_form(d) == 'hinton'
+    local, tried = equal_budget_choice('local')
+    assert tried == 4 and local == {'lambda_coef': d['lambda_coef']}
 
 
 class FixedLogits(torch.nn.Module):

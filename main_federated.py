@@ -27,8 +27,8 @@ import training
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters. Where the paper's federated settings could not be read, these are our choices
-# (docs/federated.md): the KD weights and form, lambda_coef, global_lr and ft_lr were chosen
-# on validation accuracy; the schedule is Algorithm 1's 250 epochs scaled to 150 rounds.
+# (docs/federated.md): the KD weights and forms, lambda_coef, global_lr, ft_lr and ft_epochs were
+# chosen on validation accuracy; the schedule is Algorithm 1's 250 epochs scaled to 150 rounds.
 algorithm = 'quped'            # quped; qupel (L2 pull in place of KD); fedavg (the global model);
                                # fedavg_ft (it, fine-tuned on each client); fedavg_qft (it,
                                # fine-tuned by Algorithm 1 at each client's bits); local (no
@@ -62,8 +62,8 @@ global_momentum = 0.9          # its momentum
 global_optimizer_reset = True  # its optimizer starts afresh every round (False: kept per client)
 weight_decay = 0.0             # its weight decay
 aggregation = 'samples'        # FedAvg weights: 'samples' (n_i) or 'uniform' (the paper's sum)
-ft_epochs = 1                  # fedavg_ft, fedavg_qft: epochs of fine-tuning before each evaluation
-ft_lr = 0.01                   # fedavg_ft: its SGD learning rate (fedavg_qft: Algorithm 1's Adam)
+ft_epochs = 2                  # fedavg_ft, fedavg_qft: epochs of fine-tuning before each evaluation
+ft_lr = 0.003                  # fedavg_ft: its SGD learning rate (fedavg_qft: Algorithm 1's Adam)
 lambda_coef = (1e-3,)          # prox strength, lambda = lambda_coef * round: one value, or one
                                # per entry of client_archs
 l1 = True                      # L1 prox and center regulariser (False: L2)

@@ -672,7 +672,6 @@ def test_the_defaults_are_the_validation_search_choices():
         assert d[name] == quped[name], name
     assert list(d['lambda_coef']) == quped['lambda_coef'] == best('local')['lambda_coef']
     assert d['global_lr'] == best('fedavg', client_archs=['cifarnet'])['global_lr']
-    assert d['ft_lr'] == best('fedavg_ft')['ft_lr']
     assert d['lambda_p'] == best('qupel')['lambda_p']
     assert (d['client_archs'], d['global_arch']) == (tuple(quped['client_archs']),
                                                      quped['global_arch'])
@@ -695,15 +694,23 @@ def equal_budget_choice(method):
             for name, text in chosen['setting'].items()}, chosen['tried']
 
 
-def test_the_defaults_hold_the_equal_budget_search_choices_of_quped_and_local():
+def test_the_defaults_hold_the_equal_budget_search_choices():
     """docs/results/search_equal: four settings each; QuPeD's center step follows kd_form
-    (Hinton's) and local training keeps lambda_coef 1e-3."""
+    (Hinton's), local training keeps lambda_coef 1e-3 and QuPeL lambda_p 0.1; both fine-tuning
+    baselines fine-tune two epochs, FedAvg-FT at lr 0.003."""
     d = mf.DEFAULTS
     quped, tried = equal_budget_choice('quped')
     assert tried == 4 and quped == {'kd_form_center': 'hinton', 'lambda_p': d['lambda_p']}
     assert d['kd_form_center'] == '' and federated.center_kd_form(d) == 'hinton'
     local, tried = equal_budget_choice('local')
     assert tried == 4 and local == {'lambda_coef': d['lambda_coef']}
+    qupel, tried = equal_budget_choice('qupel')
+    assert tried == 4 and qupel == {'lambda_p': d['lambda_p']}
+    fine_tuned, tried = equal_budget_choice('fedavg_ft')
+    assert tried == 4 and fine_tuned == {'ft_lr': d['ft_lr'], 'ft_epochs': d['ft_epochs']}
+    quantized, tried = equal_budget_choice('fedavg_qft')
+    assert tried == 4 and quantized == {'lambda_coef': d['lambda_coef'],
+                                        'ft_epochs': d['ft_epochs']}
 
 
 class FixedLogits(torch.nn.Module):

@@ -420,12 +420,18 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
             entry['vs'][baseline] = None if match is None else {
                 when: paired(results, match, when, names) for when in ('selected', 'last')}
         entries.append(entry)
-    commits = sorted({json.dumps(version, sort_keys=True) for results in settings.values()
-                      for r in results.values() for version in (r['code'] or [None])})
     return {'axes': axes, 'compare': compare, 'baselines': baselines, 'unit': 'seed',
             'level': LEVEL, 'settings': entries, 'left_out': left_out,
             'chosen_on_validation': chosen_on_validation(entries, compare),
-            'code': [json.loads(c) for c in commits]}
+            'code': code_versions(r for results in settings.values() for r in results.values())}
+
+
+def code_versions(results):
+    """Every distinct code version (commit, clean) the runs' results ran, sorted; None for a
+    run that recorded none."""
+    versions = {json.dumps(version, sort_keys=True) for result in results
+                for version in (result['code'] or [None])}
+    return [json.loads(v) for v in sorted(versions)]
 
 
 def chosen_on_validation(entries, compare):
@@ -622,7 +628,7 @@ def pair_runs(ours_pattern, theirs_pattern):
     sweeps, or of one setting against another sweep's."""
     ours, ours_unfinished = runs_by_seed(ours_pattern)
     theirs, theirs_unfinished = runs_by_seed(theirs_pattern)
-    seeds = sorted(set(ours) & set(theirs), key=lambda s: (len(s), s))
+    seeds = sorted(set(ours) & set(theirs), key=seed_order)
     if not seeds:
         raise SweepError(f"no seed has a finished run on both sides (seeds {', '.join(ours)} "
                          f"against {', '.join(theirs)}): the patterns must match runs of the "
@@ -630,16 +636,18 @@ def pair_runs(ours_pattern, theirs_pattern):
     names = {seed: (ours[seed], theirs[seed]) for seed in seeds}
     mine = {seed: run_results(ours[seed]) for seed in seeds}
     other = {seed: run_results(theirs[seed]) for seed in seeds}
-    commits = sorted({json.dumps(version, sort_keys=True) for result in (*mine.values(),
-                                                                          *other.values())
-                      for version in (result['code'] or [None])})
     return {'ours': ours_pattern, 'theirs': theirs_pattern, 'unit': 'seed', 'level': LEVEL,
             'runs': {seed: list(names[seed]) for seed in seeds},
-            'unpaired': sorted(set(ours) ^ set(theirs), key=lambda s: (len(s), s)),
+            'unpaired': sorted(set(ours) ^ set(theirs), key=seed_order),
             'not_finished': ours_unfinished + theirs_unfinished,
             'selected': paired(mine, other, 'selected', names),
             'last': paired(mine, other, 'last', names),
-            'code': [json.loads(c) for c in commits]}
+            'code': code_versions([*mine.values(), *other.values()])}
+
+
+def seed_order(seed):
+    """Seeds as numbers sort ('2' before '10'), for seeds written as whole numbers."""
+    return len(seed), seed
 
 
 def pair_markdown(pair):

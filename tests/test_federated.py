@@ -491,7 +491,7 @@ def test_fedavg_qft_quantizes_copies_and_leaves_the_global_model_as_fedavg_train
         cifar_root, tmp_path):
     fedavg = rows(mf.main(fed_args(cifar_root, tmp_path, '--algorithm=fedavg', name='a')))
     folder = mf.main(fed_args(cifar_root, tmp_path, '--algorithm=fedavg_qft',
-                              '--client_bits=(1,2)', name='b'))
+                              '--client_bits=(1,2)', '--ft_epochs=1', name='b'))
     tuned = rows(folder)
     for plain, qft in zip(fedavg, tuned):
         assert [c['global_test_acc'] for c in plain['clients']] == [

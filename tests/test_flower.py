@@ -113,7 +113,8 @@ def rows(folder):
 @pytest.mark.parametrize('algorithm', ['quped', 'fedavg', 'local', 'fedavg_qft'])
 def test_a_flower_simulation_gives_main_federated_rows_bit_for_bit(cifar_root, tmp_path,
                                                                    algorithm):
-    config = run_config(cifar_root, tmp_path / 'flower', 'run', algorithm=algorithm)
+    config = run_config(cifar_root, tmp_path / 'flower', 'run', algorithm=algorithm,
+                        ft_epochs=1)
     simulate(config)
     folder = tmp_path / 'flower' / 'run'
     expected = in_process({**config, 'results_dir': str(tmp_path / 'script')})

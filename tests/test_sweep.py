@@ -167,6 +167,24 @@ def test_a_tie_goes_to_the_first_setting_and_names_the_others():
             'lambda_coef=1e-2)') in table
 
 
+def test_the_committed_pairs_hold_the_intervals_of_their_own_per_seed_differences():
+    """Every `sweep.py --pair --out` file under docs/results: its intervals are this code's t
+    intervals over its per-seed differences, so no figure there was edited by hand or made by
+    another formula."""
+    files = sorted((ROOT / 'docs' / 'results').glob('*/pairs/*.json'))
+    assert files
+    for path in files:
+        with open(path) as f:
+            pair = json.load(f)
+        assert pair['unit'] == 'seed'
+        for when in ('selected', 'last'):
+            versus = pair[when]
+            assert versus['seeds'] == list(pair['runs']) and len(versus['seeds']) >= 2
+            for stat in ('mean', 'weighted'):
+                assert versus[stat] == pytest.approx(sweep.mean_and_interval(
+                    versus[f'differences_{stat}'])), (path.name, when, stat)
+
+
 def test_runs_of_two_sweeps_pair_by_seed_as_within_one(tmp_path, capsys):
     """--pair on the fixture's quped runs and --to its local runs, as if they were two
     sweeps' folders, gives the summary's paired differences."""

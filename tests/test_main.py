@@ -142,7 +142,7 @@ def test_fp_run_saves_a_warm_start_that_loads(cifar_root, tmp_path, capsys):
 # --- resume ----------------------------------------------------------------------------------
 
 RESUME_ARGS = ('--adam=False', '--lr_milestones=(2,)', '--freeze_epoch=3', '--EPOCHS=4',
-               '--n_centroids=4')  # on central_args' ResNet-8: what a kill leaves is not depth's
+               '--n_centroids=4')  # central_args' ResNet-8: kills do not depend on depth
 
 
 class Killed(BaseException):

@@ -17,7 +17,8 @@ accuracy at the round chosen on validation and at the last round (weighted by te
 the mean over clients), and each setting's paired difference from the setting with
 `--compare=<axis>` equal to a `--baseline`, its other values the same. Seeds are the unit: one
 difference per seed (of the mean over the seed's clients, and of the image-weighted accuracy),
-and a t interval over those, seeds - 1 degrees of freedom (`paired`). For a search, it names the
+and a t interval over those, seeds - 1 degrees of freedom (`paired`); where the clients mix
+architectures (client_archs), the same per personalised architecture too. For a search, it names the
 setting of highest validation accuracy (at each run's selected round, mean over seeds) per value
 of the compared axis, or among all settings without one, and how many it was chosen from.
 `python plot.py --sweep=<folder>` draws it.
@@ -50,6 +51,7 @@ import threading
 
 import scipy.stats
 
+import federated
 import runs
 import runtime
 
@@ -327,8 +329,9 @@ def accuracy_keys(row):
 def run_results(folder):
     """A finished run's test accuracies at the round (epoch) chosen on validation and at the
     last: weighted, mean over clients, and per client ({client id: [accuracy, test images]}; a
-    centralized run is one client), with the (weighted) validation accuracy of that round.
-    Without validation images nothing is chosen: 'selected' is None. Raises runs.RunError for
+    centralized run is one client), with the (weighted) validation accuracy of that round, and
+    where the clients mix architectures each one's ('archs', personalised_archs). Without
+    validation images nothing is chosen: 'selected' is None. Raises runs.RunError for
     rows it cannot read."""
     cfg, rows = runs.read_config(folder), runs.read_rows(folder)
     try:
@@ -350,17 +353,51 @@ def run_results(folder):
                 return {'weighted': row[test], 'mean': row[test], 'validation': row.get(val),
                         'round': row['epoch'], 'clients': {'0': [row[test], None]}}
         return {'selected': None if selected is None else accuracies(selected),
-                'last': accuracies(rows[-1]), 'code': cfg.get('code')}
+                'last': accuracies(rows[-1]), 'code': cfg.get('code'),
+                'archs': personalised_archs(cfg, rows[-1])}
     except (KeyError, TypeError, IndexError) as e:
         raise runs.RunError(f"{os.path.join(folder, 'metrics.jsonl')} lacks {e} in a row") from None
+
+
+def personalised_archs(cfg, row):
+    """{client id: the architecture of its personalised model} of a federated run whose
+    clients mix architectures (client_archs; the same for a baseline that evaluates another
+    model, as FedAvg-FT's global one), else None."""
+    if runs.kind_of(cfg) == 'centralized' or len(set(cfg.get('client_archs', ()))) < 2:
+        return None
+    return {str(c['client']): federated.client_plan(cfg, c['client'])[0]
+            for c in row['clients']}
+
+
+def arch_means(result, when):
+    """{architecture: the mean over its clients of their accuracies at `when`} of a run whose
+    clients mix architectures, else None."""
+    if not result.get('archs') or not result[when]:
+        return None
+    groups = {}
+    for client, arch in result['archs'].items():
+        groups.setdefault(arch, []).append(result[when]['clients'][client][0])
+    return {arch: statistics.fmean(accuracies) for arch, accuracies in groups.items()}
+
+
+def arch_differences(result, baseline_result, when):
+    """{architecture: the difference of the means over its clients} of two runs of one seed
+    whose clients mix architectures alike (the mean of their per-client differences), else
+    None."""
+    if not result.get('archs') or result['archs'] != baseline_result.get('archs'):
+        return None
+    ours, theirs = arch_means(result, when), arch_means(baseline_result, when)
+    return {arch: ours[arch] - theirs[arch] for arch in ours}
 
 
 def paired(results, baseline_results, when, names):
     """The paired difference from the baseline at `when` ('selected' or 'last'), seeds as the
     unit: per seed both settings ran, the difference of the mean over the seed's clients and of
-    the image-weighted accuracy, and a t interval over seeds for each. The two runs of a seed
-    must hold the same clients (ids and test images); `names[seed]` names the two runs."""
-    seeds, means, weighted = [], [], []
+    the image-weighted accuracy, and a t interval over seeds for each; where every seed's two
+    runs mix the same architectures, also per personalised architecture ('by_arch', of the mean
+    over its clients). The two runs of a seed must hold the same clients (ids and test images);
+    `names[seed]` names the two runs."""
+    seeds, means, weighted, per_arch = [], [], [], []
     for seed, result in results.items():
         if seed not in baseline_results or not result[when] or not baseline_results[seed][when]:
             continue
@@ -375,11 +412,19 @@ def paired(results, baseline_results, when, names):
         means.append(statistics.fmean(ours['clients'][c][0] - theirs['clients'][c][0]
                                       for c in ours['clients']))
         weighted.append(ours['weighted'] - theirs['weighted'])
+        per_arch.append(arch_differences(result, baseline_results[seed], when))
     if not seeds:
         return None
-    return {'unit': 'seed', 'seeds': seeds, 'differences_mean': means,
-            'differences_weighted': weighted, 'mean': mean_and_interval(means),
-            'weighted': mean_and_interval(weighted)}
+    pairs = {'unit': 'seed', 'seeds': seeds, 'differences_mean': means,
+             'differences_weighted': weighted, 'mean': mean_and_interval(means),
+             'weighted': mean_and_interval(weighted)}
+    if None not in per_arch:
+        pairs['by_arch'] = {}
+        for arch in per_arch[0]:
+            differences = [d[arch] for d in per_arch]
+            pairs['by_arch'][arch] = {'seeds': seeds, 'differences_mean': differences,
+                                      'mean': mean_and_interval(differences)}
+    return pairs
 
 
 def summarise(sweep_dir, planned, axes, compare, baselines):
@@ -409,6 +454,10 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
             for stat in ('weighted', 'mean'):
                 values = [r[when][stat] for r in results.values() if r[when]]
                 entry[f'{when}_{stat}'] = over_seeds(values) if values else None
+        by_arch = [arch_means(r, 'selected') for r in results.values()]
+        if None not in by_arch:
+            entry['selected_mean_by_arch'] = {arch: over_seeds([m[arch] for m in by_arch])
+                                              for arch in by_arch[0]}
         entry['vs'] = {}
         for baseline in baselines:
             if dict(key).get(compare) == baseline:
@@ -507,6 +556,7 @@ def summary_markdown(summary):
                           difference(selected and selected['weighted']),
                           difference(last and last['mean'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    lines += arch_markdown(summary, axes)
     for chosen in summary['chosen_on_validation']:
         among = '' if chosen['group'] is None else f" among the {chosen['group']} settings"
         setting = ', '.join(f'{k}={v}' for k, v in chosen['setting'].items()) or 'the one run'
@@ -520,6 +570,32 @@ def summary_markdown(summary):
                         if c and c.get('commit') else 'unrecorded' for c in summary['code'])
     lines.append(f"\nCode: {commits or 'no run'}.")
     return '\n'.join(lines) + '\n'
+
+
+def arch_markdown(summary, axes):
+    """Lines of a table per personalised architecture, for the settings whose clients mix
+    them: the test accuracy at the selected round (mean over the architecture's clients) and
+    the paired differences from each baseline."""
+    header = [*axes, 'architecture', 'test acc at val-selected round (mean over its clients)']
+    for baseline in summary['baselines']:
+        header += [f"vs {baseline} [95 % CI] ±half", 'per seed']
+    rows = []
+    for entry in summary['settings']:
+        for arch, stats in (entry.get('selected_mean_by_arch') or {}).items():
+            cells = [entry['setting'][a] for a in axes] + [arch, percent(stats)]
+            for baseline in summary['baselines']:
+                versus = ((entry['vs'].get(baseline) or {}).get('selected') or {}).get(
+                    'by_arch', {}).get(arch)
+                if entry['setting'].get(summary['compare']) == baseline:
+                    cells += ['(baseline)', '']
+                else:
+                    cells += [difference(versus and versus['mean']), per_seed(versus)]
+            rows.append('| ' + ' | '.join(cells) + ' |')
+    if not rows:
+        return []
+    return ['', "Per personalised architecture (each client's own, whatever model a baseline "
+            "evaluates; seeds are the unit):", '', '| ' + ' | '.join(header) + ' |',
+            '|' + ' --- |' * len(header), *rows]
 
 
 def write_summary(sweep_dir, planned, axes, compare, baselines):
@@ -662,6 +738,10 @@ def pair_markdown(pair):
             continue
         lines.append(f"| {label} | {', '.join(versus['seeds'])} | {difference(versus['mean'])} "
                      f"| {per_seed(versus)} | {difference(versus['weighted'])} |")
+        for arch, by_arch in versus.get('by_arch', {}).items():
+            lines.append(f"| {label}, {arch} clients | {', '.join(versus['seeds'])} | "
+                         f"{difference(by_arch['mean'])} | "
+                         f"{per_seed(by_arch)} | - |")
     if pair['unpaired']:
         lines.append(f"\nSeeds on one side only (left out): {', '.join(pair['unpaired'])}.")
     if pair['not_finished']:

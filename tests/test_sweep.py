@@ -183,6 +183,10 @@ def test_the_committed_pairs_hold_the_intervals_of_their_own_per_seed_difference
             for stat in ('mean', 'weighted'):
                 assert versus[stat] == pytest.approx(sweep.mean_and_interval(
                     versus[f'differences_{stat}'])), (path.name, when, stat)
+            for arch, by_arch in versus.get('by_arch', {}).items():
+                assert by_arch['seeds'] == versus['seeds']
+                assert by_arch['mean'] == pytest.approx(sweep.mean_and_interval(
+                    by_arch['differences_mean'])), (path.name, when, arch)
 
 
 def test_runs_of_two_sweeps_pair_by_seed_as_within_one(tmp_path, capsys):
@@ -220,6 +224,67 @@ def test_pairing_needs_one_run_a_seed_on_each_side(tmp_path, capsys):
                      'no seed has a finished run on both sides (seeds 1 against 2)')
     exits_with_error(capsys, sweep.main, [f'--pair={tmp_path}/seed=*,algorithm=quped'],
                      '--pair needs --to=PATTERN')
+
+
+MIXED = {  # (algorithm, seed): test accuracy of clients 0 to 3, at the one round
+    ('quped', 1): [0.6, 0.8, 0.5, 0.7], ('local', 1): [0.5, 0.6, 0.6, 0.6],
+    ('quped', 2): [0.7, 0.7, 0.4, 0.6], ('local', 2): [0.6, 0.6, 0.5, 0.5],
+    ('quped', 3): [0.9, 0.7, 0.6, 0.6], ('local', 3): [0.6, 0.6, 0.4, 0.6],
+}
+
+
+def write_mixed_fixture(sweep_dir, client_archs=('cifarnet', 'cifarnet2')):
+    """Runs of 4 clients, 10 test images each, of client_archs x bits (1, 2): the kinds taken
+    in turn make clients 0 and 1 the first architecture's, 2 and 3 the second's. No row names
+    a client's architecture, as FedAvg-FT's name the global model's."""
+    for (algorithm, seed), tests in MIXED.items():
+        folder = sweep_dir / f'seed={seed},algorithm={algorithm}'
+        folder.mkdir(parents=True)
+        (folder / 'config.json').write_text(json.dumps(
+            {'kind': 'federated', 'rounds': 1, 'seed': seed, 'algorithm': algorithm,
+             'client_archs': list(client_archs), 'client_bits': [1, 2]}))
+        clients = [{'client': i, 'q_val_acc': 0.5, 'q_test_acc': t, 'n_val': 10,
+                    'n_test': 10} for i, t in enumerate(tests)]
+        row = {'round': 1, 'clients': clients, 'q_val_acc_weighted': 0.5,
+               'q_test_acc_weighted': statistics.fmean(tests),
+               'q_test_acc_mean': statistics.fmean(tests)}
+        (folder / 'metrics.jsonl').write_text(json.dumps(row) + '\n')
+
+
+def test_clients_of_mixed_architectures_are_also_paired_per_architecture(tmp_path, capsys):
+    write_mixed_fixture(tmp_path)
+    planned = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]
+    summary = sweep.summarise(tmp_path, planned, ['seed', 'algorithm'], 'algorithm', ['local'])
+    quped = next(e for e in summary['settings'] if e['setting'] == {'algorithm': 'quped'})
+    # seed 1: cifarnet (0.6 + 0.8) / 2 - (0.5 + 0.6) / 2 = 0.15, cifarnet2 0.6 - 0.6 = 0;
+    # seed 2: 0.7 - 0.6 = 0.1 and 0.5 - 0.5 = 0; seed 3: 0.8 - 0.6 = 0.2 and 0.6 - 0.5 = 0.1
+    assert quped['selected_mean_by_arch']['cifarnet']['values'] == pytest.approx([0.7, 0.7, 0.8])
+    got = quped['vs']['local']['selected']
+    assert got['differences_mean'] == pytest.approx([0.075, 0.05, 0.15])
+    cifarnet, cifarnet2 = got['by_arch']['cifarnet'], got['by_arch']['cifarnet2']
+    assert cifarnet['differences_mean'] == pytest.approx([0.15, 0.1, 0.2])
+    assert cifarnet2['differences_mean'] == pytest.approx([0.0, 0.0, 0.1])
+    half = 4.3027 * 0.05 / math.sqrt(3)  # t(0.975, 2) x sd 0.05 / sqrt(3)
+    assert cifarnet['mean']['mean'] == pytest.approx(0.15)
+    assert cifarnet['mean']['half_width'] == pytest.approx(half, abs=1e-4)
+    table = sweep.summary_markdown(summary)
+    assert (f"| quped | cifarnet | 73.3 ± 5.8 | +15.0 [{100 * (0.15 - half):+.1f}, "
+            f"{100 * (0.15 + half):+.1f}] ±{100 * half:.1f} | 1: +15.0, 2: +10.0, 3: +20.0 |"
+            ) in table
+    sweep.main([f'--pair={tmp_path}/seed=*,algorithm=quped',
+                f'--to={tmp_path}/seed=*,algorithm=local'])
+    assert '| chosen on validation, cifarnet2 clients | 1, 2, 3 | +3.3 [' in \
+        capsys.readouterr().out
+
+
+def test_runs_of_one_architecture_have_no_per_architecture_pairs(tmp_path):
+    write_mixed_fixture(tmp_path, client_archs=('cifarnet',))
+    planned = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]
+    summary = sweep.summarise(tmp_path, planned, ['seed', 'algorithm'], 'algorithm', ['local'])
+    quped = next(e for e in summary['settings'] if e['setting'] == {'algorithm': 'quped'})
+    assert 'selected_mean_by_arch' not in quped
+    assert 'by_arch' not in quped['vs']['local']['selected']
+    assert 'Per personalised architecture' not in sweep.summary_markdown(summary)
 
 
 def test_seeds_with_settings_of_their_own_are_named_by_their_value(tmp_path):

@@ -189,6 +189,33 @@ def test_the_committed_pairs_hold_the_intervals_of_their_own_per_seed_difference
                     by_arch['differences_mean'])), (path.name, when, arch)
 
 
+def test_the_committed_summaries_hold_the_intervals_of_their_own_per_seed_differences():
+    """Every seed-level summary.json under docs/results: each paired interval, per personalised
+    architecture too, is this code's t interval over its per-seed differences; where the
+    clients split evenly between two architectures (clients of every kind in turn), a seed's
+    difference over all its clients is the mean of its two architectures'."""
+    summaries = {path: json.loads(path.read_text())
+                 for path in sorted((ROOT / 'docs' / 'results').glob('**/summary.json'))}
+    summaries = {path: summary for path, summary in summaries.items()  # sweep.py's own
+                 if summary.get('unit') == 'seed' and 'settings' in summary}
+    assert summaries
+    for path, summary in summaries.items():
+        for entry in summary['settings']:
+            for versus in (v[when] for v in entry.get('vs', {}).values() if v
+                           for when in ('selected', 'last') if v[when]):
+                assert versus['mean'] == pytest.approx(sweep.mean_and_interval(
+                    versus['differences_mean'])), path
+                by_arch = versus.get('by_arch', {})
+                for arch in by_arch.values():
+                    assert arch['seeds'] == versus['seeds']
+                    assert arch['mean'] == pytest.approx(sweep.mean_and_interval(
+                        arch['differences_mean'])), path
+                if len(by_arch) == 2:
+                    a, b = (arch['differences_mean'] for arch in by_arch.values())
+                    assert versus['differences_mean'] == pytest.approx(
+                        [(x + y) / 2 for x, y in zip(a, b)]), path
+
+
 def test_runs_of_two_sweeps_pair_by_seed_as_within_one(tmp_path, capsys):
     """--pair on the fixture's quped runs and --to its local runs, as if they were two
     sweeps' folders, gives the summary's paired differences."""

@@ -167,10 +167,21 @@ def test_a_tie_goes_to_the_first_setting_and_names_the_others():
             'lambda_coef=1e-2)') in table
 
 
+def assert_own_intervals(versus, where):
+    """A paired comparison's intervals, per personalised architecture too, are this code's t
+    intervals over its own per-seed differences."""
+    for stat in ('mean', 'weighted'):
+        assert versus[stat] == pytest.approx(sweep.mean_and_interval(
+            versus[f'differences_{stat}'])), (where, stat)
+    for arch, by_arch in versus.get('by_arch', {}).items():
+        assert by_arch['seeds'] == versus['seeds']
+        assert by_arch['mean'] == pytest.approx(sweep.mean_and_interval(
+            by_arch['differences_mean'])), (where, arch)
+
+
 def test_the_committed_pairs_hold_the_intervals_of_their_own_per_seed_differences():
-    """Every `sweep.py --pair --out` file under docs/results: its intervals are this code's t
-    intervals over its per-seed differences, so no figure there was edited by hand or made by
-    another formula."""
+    """Every `sweep.py --pair --out` file under docs/results: no figure there was edited by
+    hand or made by another formula."""
     files = sorted((ROOT / 'docs' / 'results').glob('*/pairs/*.json'))
     assert files
     for path in files:
@@ -180,20 +191,13 @@ def test_the_committed_pairs_hold_the_intervals_of_their_own_per_seed_difference
         for when in ('selected', 'last'):
             versus = pair[when]
             assert versus['seeds'] == list(pair['runs']) and len(versus['seeds']) >= 2
-            for stat in ('mean', 'weighted'):
-                assert versus[stat] == pytest.approx(sweep.mean_and_interval(
-                    versus[f'differences_{stat}'])), (path.name, when, stat)
-            for arch, by_arch in versus.get('by_arch', {}).items():
-                assert by_arch['seeds'] == versus['seeds']
-                assert by_arch['mean'] == pytest.approx(sweep.mean_and_interval(
-                    by_arch['differences_mean'])), (path.name, when, arch)
+            assert_own_intervals(versus, (path.name, when))
 
 
 def test_the_committed_summaries_hold_the_intervals_of_their_own_per_seed_differences():
-    """Every seed-level summary.json under docs/results: each paired interval, per personalised
-    architecture too, is this code's t interval over its per-seed differences; where the
-    clients split evenly between two architectures (clients of every kind in turn), a seed's
-    difference over all its clients is the mean of its two architectures'."""
+    """Every seed-level summary.json sweep.py wrote under docs/results, as the pairs above;
+    where the clients split evenly between two architectures (clients of every kind in turn),
+    a seed's difference over all its clients is the mean of its two architectures'."""
     summaries = {path: json.loads(path.read_text())
                  for path in sorted((ROOT / 'docs' / 'results').glob('**/summary.json'))}
     summaries = {path: summary for path, summary in summaries.items()  # sweep.py's own
@@ -203,13 +207,8 @@ def test_the_committed_summaries_hold_the_intervals_of_their_own_per_seed_differ
         for entry in summary['settings']:
             for versus in (v[when] for v in entry.get('vs', {}).values() if v
                            for when in ('selected', 'last') if v[when]):
-                assert versus['mean'] == pytest.approx(sweep.mean_and_interval(
-                    versus['differences_mean'])), path
+                assert_own_intervals(versus, path)
                 by_arch = versus.get('by_arch', {})
-                for arch in by_arch.values():
-                    assert arch['seeds'] == versus['seeds']
-                    assert arch['mean'] == pytest.approx(sweep.mean_and_interval(
-                        arch['differences_mean'])), path
                 if len(by_arch) == 2:
                     a, b = (arch['differences_mean'] for arch in by_arch.values())
                     assert versus['differences_mean'] == pytest.approx(

@@ -29,6 +29,15 @@ of the compared axis, or among all settings without one, and how many it was cho
 pairs the runs of two sweeps (or of two settings) by their seed, the same way, and with
 --out=FILE.json keeps the result.
 
+    python sweep.py --combine=Results/a/summary.json --combine=Results/b/summary.json \
+        --out=Results/a_and_b.json
+
+takes the summaries of sweeps of one design run on different seeds (another machine, seeds
+added later) together: each seed's difference from a baseline taken within its own sweep, one
+t interval over the seeds of all (--baseline=VALUE[,VALUE...] in place of the summaries' own
+baselines; a comparison a summary lacks is left out and named), printed and, with --out, kept
+with a markdown table of the same name (.md).
+
 Options of the sweep itself: --sweep=NAME (its folder under results_dir; default: the script's
 name and the date), --compare=NAME (default: algorithm when it is an axis),
 --baseline=VALUE[,VALUE...], --jobs=N runs at a time (default 1), --threads=N torch threads per
@@ -770,12 +779,196 @@ def pair(argv):
         print(f"pairs: {options['out']}")
 
 
+# --- combining the seeds of several sweeps ---------------------------------------------------
+
+COMBINE_OPTIONS = ('combine', 'baseline', 'out')
+
+
+def seed_values(seeds, stats):
+    """{seed: value} of a summary's per-seed accuracies (an over_seeds dict, its values in the
+    order of the entry's `seeds`), empty where a seed has none."""
+    if not stats or len(stats['values']) != len(seeds):
+        return {}
+    return dict(zip(seeds, stats['values']))
+
+
+def seed_differences(entry, baseline, when):
+    """{'mean': {seed: difference}, 'weighted': ..., 'by_arch': {arch: {seed: difference}} or
+    None} of a summary's setting from its baseline's entry at `when`: each seed's difference of
+    the means over its clients (the mean of the per-client differences, as `paired` takes it,
+    the clients being the same), for the seeds both ran."""
+    differences = {}
+    for stat in ('mean', 'weighted'):
+        ours, theirs = (seed_values(e['seeds'], e.get(f'{when}_{stat}'))
+                        for e in (entry, baseline))
+        differences[stat] = {seed: v - theirs[seed] for seed, v in ours.items() if seed in theirs}
+    ours, theirs = (e.get('selected_mean_by_arch') for e in (entry, baseline))
+    differences['by_arch'] = None
+    if when == 'selected' and ours and theirs and set(ours) == set(theirs):
+        differences['by_arch'] = {}
+        for arch in ours:
+            mine, other = (seed_values(e['seeds'], e['selected_mean_by_arch'][arch])
+                           for e in (entry, baseline))
+            differences['by_arch'][arch] = {seed: v - other[seed] for seed, v in mine.items()
+                                            if seed in other}
+    return differences
+
+
+def setting_label(setting, compare):
+    """'quped' for a setting of the compared axis only, else its axis values."""
+    if list(setting) == [compare]:
+        return setting[compare]
+    return ','.join(f'{name}={value}' for name, value in setting.items())
+
+
+def summary_comparisons(summary, baselines=None):
+    """{'<setting> - <baseline>': {when: seed_differences}} of a sweep's summary.json, from its
+    own baselines or from `baselines` (values of its compared axis)."""
+    compare = summary['compare']
+    entries = {tuple(sorted(e['setting'].items())): e for e in summary['settings']}
+    comparisons = {}
+    for entry in summary['settings']:
+        for baseline in baselines or summary['baselines']:
+            other = entries.get(tuple(sorted({**entry['setting'], compare: baseline}.items())))
+            if entry['setting'].get(compare) == baseline or other is None:
+                continue
+            comparisons[f"{setting_label(entry['setting'], compare)} - {baseline}"] = {
+                when: seed_differences(entry, other, when) for when in ('selected', 'last')}
+    return comparisons
+
+
+def joined(parts):
+    """One comparison over the seeds of every part (seed_differences of disjoint seeds), in
+    `paired`'s form; None where a part has no seed."""
+    if not all(part['mean'] for part in parts):
+        return None
+    means = {seed: d for part in parts for seed, d in part['mean'].items()}
+    weighted = {seed: d for part in parts for seed, d in part['weighted'].items()}
+    seeds = list(means)
+    versus = {'unit': 'seed', 'seeds': seeds,
+              'differences_mean': [means[s] for s in seeds],
+              'differences_weighted': [weighted[s] for s in seeds],
+              'mean': mean_and_interval([means[s] for s in seeds]),
+              'weighted': mean_and_interval([weighted[s] for s in seeds])}
+    archs = [part['by_arch'] for part in parts]
+    if None not in archs and all(set(a) == set(archs[0]) for a in archs):
+        versus['by_arch'] = {}
+        for arch in archs[0]:
+            by_seed = {seed: d for a in archs for seed, d in a[arch].items()}
+            values = [by_seed[s] for s in seeds]
+            versus['by_arch'][arch] = {'seeds': seeds, 'differences_mean': values,
+                                       'mean': mean_and_interval(values)}
+    return versus
+
+
+def read_summary(path):
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        return summary, {seed for entry in summary['settings'] for seed in entry['seeds']}
+    except OSError as e:
+        raise SweepError(f"cannot read {path} ({e.strerror}): give the path of a sweep's "
+                         f"summary.json.") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SweepError(f"{path} is not a sweep's summary.json ({e!r}): give the "
+                         f"summary.json files sweep.py wrote.") from None
+
+
+def combine_summaries(paths, baselines=None):
+    """The paired comparisons of several sweeps of one design but different seeds, over all
+    their seeds: each seed's difference taken within its own sweep (so no pair mixes two
+    sweeps' runs), a t interval over the seeds of all; from each summary's own baselines, or
+    from `baselines`. Comparisons missing from a summary are left out, with the reason; a seed
+    in two summaries is an error."""
+    summaries, owner = [], {}
+    for path in paths:
+        summary, seeds = read_summary(path)
+        for seed in sorted(seeds, key=seed_order):
+            if seed in owner:
+                raise SweepError(f"seed {seed} is in both {owner[seed]} and {path}: combine the "
+                                 f"summaries of sweeps of different seeds.")
+            owner[seed] = path
+        summaries.append((path, summary, sorted(seeds, key=seed_order)))
+    found = [summary_comparisons(summary, baselines) for _, summary, _ in summaries]
+    comparisons, left_out = {}, []
+    for name in dict.fromkeys(name for comparison in found for name in comparison):
+        missing = [path for path, comparison in zip(paths, found) if name not in comparison]
+        if missing:
+            left_out.append({'comparison': name, 'reason': f"not in {', '.join(missing)}"})
+            continue
+        comparisons[name] = {when: joined([c[name][when] for c in found])
+                             for when in ('selected', 'last')}
+    return {'unit': 'seed', 'level': LEVEL, 'baselines': baselines,
+            'sources': [{'summary': path, 'seeds': seeds, 'code': summary.get('code')}
+                        for path, summary, seeds in summaries],
+            'comparisons': comparisons, 'left_out': left_out}
+
+
+def combine_markdown(combined):
+    lines = [f"Paired differences in points over the seeds of {len(combined['sources'])} "
+             f"sweeps, each seed's taken within its own sweep; seeds are the unit (t interval, "
+             f"{100 * combined['level']:.0f} %, seeds - 1 degrees of freedom).", '',
+             '| comparison | round | seeds | mean over clients [95 % CI] ±half | per seed | '
+             'image-weighted [95 % CI] |', '| --- | --- | --- | --- | --- | --- |']
+    for name, comparison in combined['comparisons'].items():
+        for when, label in (('selected', 'chosen on validation'), ('last', 'last')):
+            versus = comparison[when]
+            if versus is None:
+                lines.append(f"| {name} | {label} | - | - | - | - |")
+                continue
+            seeds = ', '.join(versus['seeds'])
+            lines.append(f"| {name} | {label} | {seeds} | {difference(versus['mean'])} | "
+                         f"{per_seed(versus)} | {difference(versus['weighted'])} |")
+            for arch, by_arch in versus.get('by_arch', {}).items():
+                lines.append(f"| {name}, {arch} clients | {label} | {seeds} | "
+                             f"{difference(by_arch['mean'])} | {per_seed(by_arch)} | - |")
+    for item in combined['left_out']:
+        lines.append(f"\nLeft out: {item['comparison']}: {item['reason']}.")
+    for source in combined['sources']:
+        commits = ', '.join(c['commit'][:12] for c in source['code'] or () if c and
+                            c.get('commit')) or 'unrecorded'
+        lines.append(f"\nSeeds {', '.join(source['seeds'])}: {source['summary']} "
+                     f"(code {commits}).")
+    return '\n'.join(lines) + '\n'
+
+
+def combine(argv):
+    """python sweep.py --combine=SUMMARY.json --combine=SUMMARY.json ...
+    [--baseline=VALUE[,VALUE...]] [--out=FILE.json]"""
+    paths, options = [], {}
+    for arg in argv:
+        name, eq, text = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq or name not in COMBINE_OPTIONS or \
+                name in options:
+            raise SweepError(f"cannot read {arg!r}: combine sweeps with --combine=SUMMARY.json "
+                             f"given once per sweep, optionally --baseline=VALUE[,VALUE...] "
+                             f"and, to keep the result, --out=FILE.json, each once.")
+        if name == 'combine':
+            paths.append(text)
+        else:
+            options[name] = text
+    if len(paths) < 2:
+        raise SweepError("--combine needs two summaries or more: give --combine=SUMMARY.json "
+                         "once per sweep.")
+    baselines = [b for b in options.get('baseline', '').split(',') if b] or None
+    result = combine_summaries(paths, baselines)
+    print(combine_markdown(result))
+    if 'out' in options:
+        table = os.path.splitext(options['out'])[0] + '.md'
+        runs.write_json(options['out'], result)
+        runs.write_atomic(table, combine_markdown(result).encode())
+        print(f"combined: {options['out']} and {table}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     runtime.handle_stop_signals()
     try:
         if any(arg.startswith('--pair=') for arg in argv):
             pair(argv)
+            return
+        if any(arg.startswith('--combine=') for arg in argv):
+            combine(argv)
             return
         sweep(argv)
     except (SweepError, runtime.ConfigError, OSError) as e:

@@ -303,6 +303,93 @@ def test_clients_of_mixed_architectures_are_also_paired_per_architecture(tmp_pat
         capsys.readouterr().out
 
 
+
+def halves_and_whole(tmp_path, write):
+    """A fixture sweep's summary over seeds 1 to 3, and two over seeds 1-2 and 3 (as if two
+    sweeps) written beside it."""
+    write(tmp_path)
+
+    def summary(seeds, name):
+        planned = [{'seed': str(s), 'algorithm': a} for s in seeds for a in ('quped', 'local')]
+        result = sweep.summarise(tmp_path, planned, ['seed', 'algorithm'], 'algorithm',
+                                 ['local'])
+        (tmp_path / name).write_text(json.dumps(result))
+        return result
+    return summary((1, 2), 'first.json'), summary((3,), 'second.json'), summary((1, 2, 3), '-')
+
+
+@pytest.mark.parametrize('write', [write_fixture, write_mixed_fixture])
+def test_combining_two_sweeps_of_different_seeds_pairs_as_one_sweep_of_all(
+        tmp_path, capsys, write):
+    *_, whole = halves_and_whole(tmp_path, write)
+    out = tmp_path / 'combined' / 'summary.json'
+    out.parent.mkdir()
+    sweep.main([f'--combine={tmp_path / "first.json"}', f'--combine={tmp_path / "second.json"}',
+                f'--out={out}'])
+    combined = json.loads(out.read_text())
+    within = next(e for e in whole['settings']
+                  if e['setting'] == {'algorithm': 'quped'})['vs']['local']
+    assert list(combined['comparisons']) == ['quped - local']
+    for when in ('selected', 'last'):
+        got, want = combined['comparisons']['quped - local'][when], within[when]
+        assert got['seeds'] == want['seeds'] == ['1', '2', '3']
+        for stat in ('mean', 'weighted'):
+            assert got[f'differences_{stat}'] == pytest.approx(want[f'differences_{stat}'])
+            assert got[stat] == pytest.approx(want[stat])
+        if when == 'last':  # the summaries keep each architecture's selected round only
+            assert 'by_arch' not in got
+            continue
+        assert set(got.get('by_arch', {})) == set(want.get('by_arch', {}))
+        for arch, by_arch in want.get('by_arch', {}).items():
+            assert got['by_arch'][arch]['mean'] == pytest.approx(by_arch['mean'])
+    assert [s['seeds'] for s in combined['sources']] == [['1', '2'], ['3']]
+    printed = capsys.readouterr().out
+    assert '| quped - local | chosen on validation | 1, 2, 3 |' in printed
+    assert (out.parent / 'summary.md').read_text() in printed
+
+
+def test_combining_needs_different_seeds_and_says_what_one_summary_lacks(tmp_path, capsys):
+    _, second, _ = halves_and_whole(tmp_path, write_fixture)
+    args = [f'--combine={tmp_path / "first.json"}', f'--combine={tmp_path / "first.json"}']
+    exits_with_error(capsys, sweep.main, args, 'seed 1 is in both')
+    exits_with_error(capsys, sweep.main, args[:1], '--combine needs two summaries or more')
+    exits_with_error(capsys, sweep.main, [*args[:1], f'--combine={tmp_path / "none.json"}'],
+                     f'cannot read {tmp_path / "none.json"}')
+    reversed_ = sweep.combine_summaries([str(tmp_path / 'first.json'),
+                                         str(tmp_path / 'second.json')], ['quped'])
+    assert list(reversed_['comparisons']) == ['local - quped']  # the test fixture's by hand:
+    assert reversed_['comparisons']['local - quped']['selected']['mean'] == pytest.approx(
+        sweep.mean_and_interval([-0.05, -0.25, -0.15]))
+    second['settings'] = [e for e in second['settings']
+                          if e['setting'] == {'algorithm': 'local'}]
+    (tmp_path / 'second.json').write_text(json.dumps(second))
+    combined = sweep.combine_summaries([str(tmp_path / 'first.json'),
+                                        str(tmp_path / 'second.json')])
+    assert combined['comparisons'] == {}
+    assert combined['left_out'] == [{'comparison': 'quped - local',
+                                     'reason': f'not in {tmp_path / "second.json"}'}]
+
+
+def test_the_committed_combinations_are_their_sources_combined(tmp_path, monkeypatch):
+    """Every `sweep.py --combine --out` file under docs/results is what the command makes from
+    the committed summaries it names, and holds its own intervals."""
+    files = [path for path in sorted((ROOT / 'docs' / 'results').glob('**/*.json'))
+             if 'comparisons' in json.loads(path.read_text())]
+    assert files
+    monkeypatch.chdir(ROOT)
+    for path in files:
+        committed = json.loads(path.read_text())
+        baselines = committed['baselines']
+        sweep.main([*(f"--combine={s['summary']}" for s in committed['sources']),
+                    *([f"--baseline={','.join(baselines)}"] if baselines else []),
+                    f'--out={tmp_path / "again.json"}'])
+        assert json.loads((tmp_path / 'again.json').read_text()) == committed, path
+        for name, comparison in committed['comparisons'].items():
+            for when, versus in comparison.items():
+                if versus:
+                    assert_own_intervals(versus, (path.name, name, when))
+
+
 def test_runs_of_one_architecture_have_no_per_architecture_pairs(tmp_path):
     write_mixed_fixture(tmp_path, client_archs=('cifarnet',))
     planned = [{'seed': str(s), 'algorithm': a} for s in (1, 2, 3) for a in ('quped', 'local')]

@@ -792,25 +792,27 @@ def seed_values(seeds, stats):
     return dict(zip(seeds, stats['values']))
 
 
+def seed_difference(entry, baseline, ours, theirs):
+    """{seed: entry's value - baseline's} of two entries' per-seed accuracies (`ours` of entry,
+    `theirs` of baseline), for the seeds both have."""
+    mine, other = seed_values(entry['seeds'], ours), seed_values(baseline['seeds'], theirs)
+    return {seed: v - other[seed] for seed, v in mine.items() if seed in other}
+
+
 def seed_differences(entry, baseline, when):
     """{'mean': {seed: difference}, 'weighted': ..., 'by_arch': {arch: {seed: difference}} or
     None} of a summary's setting from its baseline's entry at `when`: each seed's difference of
     the means over its clients (the mean of the per-client differences, as `paired` takes it,
-    the clients being the same), for the seeds both ran."""
-    differences = {}
-    for stat in ('mean', 'weighted'):
-        ours, theirs = (seed_values(e['seeds'], e.get(f'{when}_{stat}'))
-                        for e in (entry, baseline))
-        differences[stat] = {seed: v - theirs[seed] for seed, v in ours.items() if seed in theirs}
+    the clients being the same), for the seeds both ran; per architecture at the selected round
+    only, the one the summaries keep."""
+    differences = {stat: seed_difference(entry, baseline, entry.get(f'{when}_{stat}'),
+                                         baseline.get(f'{when}_{stat}'))
+                   for stat in ('mean', 'weighted')}
     ours, theirs = (e.get('selected_mean_by_arch') for e in (entry, baseline))
     differences['by_arch'] = None
     if when == 'selected' and ours and theirs and set(ours) == set(theirs):
-        differences['by_arch'] = {}
-        for arch in ours:
-            mine, other = (seed_values(e['seeds'], e['selected_mean_by_arch'][arch])
-                           for e in (entry, baseline))
-            differences['by_arch'][arch] = {seed: v - other[seed] for seed, v in mine.items()
-                                            if seed in other}
+        differences['by_arch'] = {arch: seed_difference(entry, baseline, ours[arch], theirs[arch])
+                                  for arch in ours}
     return differences
 
 

@@ -18,7 +18,11 @@ the mean over clients), and each setting's paired difference from the setting wi
 `--compare=<axis>` equal to a `--baseline`, its other values the same. Seeds are the unit: one
 difference per seed (of the mean over the seed's clients, and of the image-weighted accuracy),
 and a t interval over those, seeds - 1 degrees of freedom (`paired`); where the clients mix
-architectures (client_archs), the same per personalised architecture too. For a search, it names the
+architectures (client_archs), the same per personalised architecture too. Where the runs have a
+global model, the teacher's too: its validation accuracy over each client's own classes at the
+selected round (mean over clients, and per architecture), the students' validation accuracy
+minus it (a t interval over seeds), and its paired difference from the baseline's teacher (not
+carried by --combine). For a search, it names the
 setting of highest validation accuracy (at each run's selected round, mean over seeds) per value
 of the compared axis, or among all settings without one, and how many it was chosen from.
 `python plot.py --sweep=<folder>` draws it.
@@ -338,8 +342,9 @@ def accuracy_keys(row):
 def run_results(folder):
     """A finished run's test accuracies at the round (epoch) chosen on validation and at the
     last: weighted, mean over clients, and per client ({client id: [accuracy, test images]}; a
-    centralized run is one client), with the (weighted) validation accuracy of that round, and
-    where the clients mix architectures each one's ('archs', personalised_archs). Without
+    centralized run is one client), with the (weighted) validation accuracy of that round, each
+    client's teacher (teacher_of), and where the clients mix architectures each one's ('archs',
+    personalised_archs). Without
     validation images nothing is chosen: 'selected' is None. Raises runs.RunError for
     rows it cannot read."""
     cfg, rows = runs.read_config(folder), runs.read_rows(folder)
@@ -352,7 +357,7 @@ def run_results(folder):
                         'validation': row['q_val_acc_weighted'],
                         'round': row['round'], 'clients': {
                             str(c['client']): [c['q_test_acc'], c['n_test']]
-                            for c in row['clients']}}
+                            for c in row['clients']}, 'teacher': teacher_of(row)}
         else:
             val, test = accuracy_keys(rows[0])
             selected = (max(rows, key=lambda row: row[val]) if cfg.get('val_fraction')
@@ -360,12 +365,44 @@ def run_results(folder):
 
             def accuracies(row):
                 return {'weighted': row[test], 'mean': row[test], 'validation': row.get(val),
-                        'round': row['epoch'], 'clients': {'0': [row[test], None]}}
+                        'round': row['epoch'], 'clients': {'0': [row[test], None]},
+                        'teacher': None}
         return {'selected': None if selected is None else accuracies(selected),
                 'last': accuracies(rows[-1]), 'code': cfg.get('code'),
                 'archs': personalised_archs(cfg, rows[-1])}
     except (KeyError, TypeError, IndexError) as e:
         raise runs.RunError(f"{os.path.join(folder, 'metrics.jsonl')} lacks {e} in a row") from None
+
+
+def teacher_of(row):
+    """{client id: [the global model's validation accuracy over the client's own classes, the
+    client's own model's validation accuracy]} of a federated row: each client's teacher beside
+    its student. None where the run has no global model (local training) or its rows predate
+    the teacher's scores."""
+    teachers = {str(c['client']): [c.get('global_val_acc_own'), c['q_val_acc']]
+                for c in row['clients']}
+    return None if any(t is None for t, _ in teachers.values()) else teachers
+
+
+def client_means(values, archs):
+    """{'all': the mean of {client id: value}, and where the clients mix architectures (archs)
+    one per architecture, over its clients}."""
+    means = {'all': statistics.fmean(values.values())}
+    for arch in dict.fromkeys((archs or {}).values()):
+        means[arch] = statistics.fmean(v for c, v in values.items() if archs[c] == arch)
+    return means
+
+
+def teacher_means(result, when):
+    """The teacher at `when` (client_means of the global model's own-class validation accuracy,
+    'teacher', and of each student's validation accuracy minus it, 'student_minus_teacher'),
+    or None for a run without one."""
+    teachers = result[when] and result[when].get('teacher')
+    if not teachers:
+        return None
+    return {'teacher': client_means({c: t for c, (t, _) in teachers.items()}, result['archs']),
+            'student_minus_teacher': client_means(
+                {c: s - t for c, (t, s) in teachers.items()}, result['archs'])}
 
 
 def personalised_archs(cfg, row):
@@ -406,7 +443,7 @@ def paired(results, baseline_results, when, names):
     runs mix the same architectures, also per personalised architecture ('by_arch', of the mean
     over its clients). The two runs of a seed must hold the same clients (ids and test images);
     `names[seed]` names the two runs."""
-    seeds, means, weighted, per_arch = [], [], [], []
+    seeds, means, weighted, per_arch, teachers = [], [], [], [], []
     for seed, result in results.items():
         if seed not in baseline_results or not result[when] or not baseline_results[seed][when]:
             continue
@@ -422,6 +459,7 @@ def paired(results, baseline_results, when, names):
                                       for c in ours['clients']))
         weighted.append(ours['weighted'] - theirs['weighted'])
         per_arch.append(arch_differences(result, baseline_results[seed], when))
+        teachers.append((teacher_means(result, when), teacher_means(baseline_results[seed], when)))
     if not seeds:
         return None
     pairs = {'unit': 'seed', 'seeds': seeds, 'differences_mean': means,
@@ -433,7 +471,16 @@ def paired(results, baseline_results, when, names):
             differences = [d[arch] for d in per_arch]
             pairs['by_arch'][arch] = {'seeds': seeds, 'differences_mean': differences,
                                       'mean': mean_and_interval(differences)}
+    if all(ours and theirs for ours, theirs in teachers):
+        pairs['teacher'] = {group: seed_intervals(seeds, [
+            ours['teacher'][group] - theirs['teacher'][group] for ours, theirs in teachers])
+            for group in teachers[0][0]['teacher']}
     return pairs
+
+
+def seed_intervals(seeds, differences):
+    return {'seeds': seeds, 'differences_mean': differences,
+            'mean': mean_and_interval(differences)}
 
 
 def summarise(sweep_dir, planned, axes, compare, baselines):
@@ -467,6 +514,14 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
         if None not in by_arch:
             entry['selected_mean_by_arch'] = {arch: over_seeds([m[arch] for m in by_arch])
                                               for arch in by_arch[0]}
+        teachers = [teacher_means(r, 'selected') for r in results.values()]
+        if teachers and None not in teachers:
+            entry['selected_teacher'] = {group: over_seeds([t['teacher'][group] for t in teachers])
+                                         for group in teachers[0]['teacher']}
+            entry['selected_student_minus_teacher'] = {
+                group: seed_intervals(entry['seeds'], [t['student_minus_teacher'][group]
+                                                       for t in teachers])
+                for group in teachers[0]['teacher']}
         entry['vs'] = {}
         for baseline in baselines:
             if dict(key).get(compare) == baseline:
@@ -566,6 +621,7 @@ def summary_markdown(summary):
                           difference(last and last['mean'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     lines += arch_markdown(summary, axes)
+    lines += teacher_markdown(summary, axes)
     for chosen in summary['chosen_on_validation']:
         among = '' if chosen['group'] is None else f" among the {chosen['group']} settings"
         setting = ', '.join(f'{k}={v}' for k, v in chosen['setting'].items()) or 'the one run'
@@ -605,6 +661,36 @@ def arch_markdown(summary, axes):
     return ['', "Per personalised architecture (each client's own, whatever model a baseline "
             "evaluates; seeds are the unit):", '', '| ' + ' | '.join(header) + ' |',
             '|' + ' --- |' * len(header), *rows]
+
+
+def teacher_markdown(summary, axes):
+    """Lines of a table of the settings' teachers: the global model's validation accuracy over
+    each client's own classes at the run's selected round (mean over the clients, and over each
+    architecture's), its students' validation accuracy minus it, and the paired differences of
+    the teacher from each baseline's."""
+    header = [*axes, 'clients', "teacher's own-class val acc (mean over clients)",
+              'students - teacher [95 % CI] ±half', 'per seed']
+    for baseline in summary['baselines']:
+        header += [f"teacher vs {baseline}'s [95 % CI] ±half", 'per seed']
+    rows = []
+    for entry in summary['settings']:
+        for group, stats in (entry.get('selected_teacher') or {}).items():
+            gap = entry['selected_student_minus_teacher'][group]
+            cells = [entry['setting'][a] for a in axes] + [group, percent(stats),
+                                                           difference(gap['mean']), per_seed(gap)]
+            for baseline in summary['baselines']:
+                versus = ((entry['vs'].get(baseline) or {}).get('selected') or {}).get(
+                    'teacher', {}).get(group)
+                if entry['setting'].get(summary['compare']) == baseline:
+                    cells += ['(baseline)', '']
+                else:
+                    cells += [difference(versus and versus['mean']), per_seed(versus)]
+            rows.append('| ' + ' | '.join(cells) + ' |')
+    if not rows:
+        return []
+    return ['', "The teacher (the global model) on each client's own classes, validation images "
+            "at each run's selected round (seeds are the unit):", '',
+            '| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header), *rows]
 
 
 def write_summary(sweep_dir, planned, axes, compare, baselines):
@@ -751,6 +837,10 @@ def pair_markdown(pair):
             lines.append(f"| {label}, {arch} clients | {', '.join(versus['seeds'])} | "
                          f"{difference(by_arch['mean'])} | "
                          f"{per_seed(by_arch)} | - |")
+        for group, teacher in versus.get('teacher', {}).items():
+            lines.append(f"| {label}, teacher's own-class validation accuracy, {group} clients | "
+                         f"{', '.join(versus['seeds'])} | {difference(teacher['mean'])} | "
+                         f"{per_seed(teacher)} | - |")
     if pair['unpaired']:
         lines.append(f"\nSeeds on one side only (left out): {', '.join(pair['unpaired'])}.")
     if pair['not_finished']:

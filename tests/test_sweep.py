@@ -303,6 +303,68 @@ def test_clients_of_mixed_architectures_are_also_paired_per_architecture(tmp_pat
         capsys.readouterr().out
 
 
+TEACHERS = {  # (algorithm, seed): per client 0 to 3 (teacher's own-class val, student's val)
+    ('quped', 1): [(0.6, 0.7), (0.8, 0.7), (0.5, 0.4), (0.7, 0.6)],
+    ('strong', 1): [(0.8, 0.7), (0.9, 0.8), (0.7, 0.5), (0.9, 0.6)],
+    ('quped', 2): [(0.5, 0.6), (0.7, 0.7), (0.6, 0.4), (0.6, 0.5)],
+    ('strong', 2): [(0.7, 0.6), (0.8, 0.8), (0.8, 0.6), (0.7, 0.5)],
+}
+
+
+def write_teacher_fixture(sweep_dir):
+    """One-round runs of 4 clients (clients 0 and 1 cifarnet, 2 and 3 cifarnet2) whose rows
+    score each client's teacher, and a local run per seed, which has none."""
+    for (algorithm, seed), clients in [*TEACHERS.items(), *(
+            (('local', s), [(None, 0.5)] * 4) for s in (1, 2))]:
+        folder = sweep_dir / f'seed={seed},algorithm={algorithm}'
+        folder.mkdir(parents=True)
+        (folder / 'config.json').write_text(json.dumps(
+            {'kind': 'federated', 'rounds': 1, 'seed': seed, 'algorithm': algorithm,
+             'client_archs': ['cifarnet', 'cifarnet2'], 'client_bits': [1, 2]}))
+        entries = [{'client': i, 'q_val_acc': v, 'q_test_acc': v, 'n_val': 10, 'n_test': 10,
+                    'global_val_acc_own': t} for i, (t, v) in enumerate(clients)]
+        mean = statistics.fmean(v for _, v in clients)
+        row = {'round': 1, 'clients': entries, 'q_val_acc_weighted': mean,
+               'q_test_acc_weighted': mean, 'q_test_acc_mean': mean}
+        (folder / 'metrics.jsonl').write_text(json.dumps(row) + '\n')
+
+
+def test_the_teachers_are_scored_per_setting_and_paired_per_architecture(tmp_path, capsys):
+    write_teacher_fixture(tmp_path)
+    planned = [{'seed': str(s), 'algorithm': a} for s in (1, 2)
+               for a in ('quped', 'strong', 'local')]
+    summary = sweep.summarise(tmp_path, planned, ['seed', 'algorithm'], 'algorithm',
+                              ['quped', 'local'])
+    entry = {e['setting']['algorithm']: e for e in summary['settings']}
+    quped, strong = entry['quped'], entry['strong']
+    # quped's teachers, seed 1: all (0.6 + 0.8 + 0.5 + 0.7) / 4, cifarnet 0.7, cifarnet2 0.6;
+    # seed 2: 0.6, 0.6, 0.6
+    assert quped['selected_teacher']['all']['values'] == pytest.approx([0.65, 0.6])
+    assert quped['selected_teacher']['cifarnet']['values'] == pytest.approx([0.7, 0.6])
+    assert quped['selected_teacher']['cifarnet2']['values'] == pytest.approx([0.6, 0.6])
+    # students - teacher per client, seed 1: +0.1, -0.1, -0.1, -0.1; seed 2: +0.1, 0, -0.2, -0.1
+    gap = quped['selected_student_minus_teacher']
+    assert gap['all']['differences_mean'] == pytest.approx([-0.05, -0.05])
+    assert gap['cifarnet']['differences_mean'] == pytest.approx([0.0, 0.05])
+    assert gap['cifarnet2']['differences_mean'] == pytest.approx([-0.1, -0.15])
+    assert gap['cifarnet2']['mean'] == pytest.approx(sweep.mean_and_interval([-0.1, -0.15]))
+    # strong's teachers: seed 1 all 0.825, cifarnet 0.85, cifarnet2 0.8; seed 2 0.75 each
+    teacher = strong['vs']['quped']['selected']['teacher']
+    assert teacher['all']['differences_mean'] == pytest.approx([0.175, 0.15])
+    assert teacher['cifarnet']['differences_mean'] == pytest.approx([0.15, 0.15])
+    assert teacher['cifarnet2']['differences_mean'] == pytest.approx([0.2, 0.15])
+    assert teacher['all']['mean']['mean'] == pytest.approx(0.1625)
+    # local training has no teacher: no score, and no teacher in a pair with it
+    assert 'selected_teacher' not in entry['local']
+    assert 'teacher' not in quped['vs']['local']['selected']
+    table = sweep.summary_markdown(summary)
+    assert '| quped | cifarnet2 | 60.0 ± 0.0 | -12.5 [' in table
+    assert '| strong | all | 78.8 ± 5.3 |' in table and '1: +17.5, 2: +15.0' in table
+    sweep.main([f'--pair={tmp_path}/seed=*,algorithm=strong',
+                f'--to={tmp_path}/seed=*,algorithm=quped'])
+    assert ("| chosen on validation, teacher's own-class validation accuracy, cifarnet2 clients "
+            "| 1, 2 | +17.5 [") in capsys.readouterr().out
+
 
 def halves_and_whole(tmp_path, write):
     """A fixture sweep's summary over seeds 1 to 3, and two over seeds 1-2 and 3 (as if two

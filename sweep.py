@@ -357,7 +357,7 @@ def run_results(folder):
                         'validation': row['q_val_acc_weighted'],
                         'round': row['round'], 'clients': {
                             str(c['client']): [c['q_test_acc'], c['n_test']]
-                            for c in row['clients']}, 'teacher': teacher_of(row)}
+                            for c in row['clients']}, 'teacher': teacher_of(cfg, row)}
         else:
             val, test = accuracy_keys(rows[0])
             selected = (max(rows, key=lambda row: row[val]) if cfg.get('val_fraction')
@@ -374,12 +374,15 @@ def run_results(folder):
         raise runs.RunError(f"{os.path.join(folder, 'metrics.jsonl')} lacks {e} in a row") from None
 
 
-def teacher_of(row):
+def teacher_of(cfg, row):
     """{client id: [the global model's validation accuracy over the client's own classes, the
-    client's own model's validation accuracy]} of a federated row: each client's teacher beside
-    its student. None where the run has no global model (local training) or its rows predate
-    the teacher's scores."""
-    teachers = {str(c['client']): [c.get('global_val_acc_own'), c['q_val_acc']]
+    validation accuracy of the client's own model (its student), or None where the clients
+    have no model of their own beside the global one]} of a federated row. None where the run
+    has no global model (local training) or its rows predate the teacher's scores."""
+    algorithm = federated.ALGORITHMS.get(cfg.get('algorithm'))
+    students = algorithm is not None and algorithm.personalised and algorithm.global_model
+    teachers = {str(c['client']): [c.get('global_val_acc_own'),
+                                   c['q_val_acc'] if students else None]
                 for c in row['clients']}
     return None if any(t is None for t, _ in teachers.values()) else teachers
 
@@ -395,14 +398,16 @@ def client_means(values, archs):
 
 def teacher_means(result, when):
     """The teacher at `when` (client_means of the global model's own-class validation accuracy,
-    'teacher', and of each student's validation accuracy minus it, 'student_minus_teacher'),
-    or None for a run without one."""
+    'teacher', and of each student's validation accuracy minus it, 'student_minus_teacher', None
+    without students), or None for a run without one."""
     teachers = result[when] and result[when].get('teacher')
     if not teachers:
         return None
+    students = all(s is not None for _, s in teachers.values())
     return {'teacher': client_means({c: t for c, (t, _) in teachers.items()}, result['archs']),
             'student_minus_teacher': client_means(
-                {c: s - t for c, (t, s) in teachers.items()}, result['archs'])}
+                {c: s - t for c, (t, s) in teachers.items()}, result['archs'])
+            if students else None}
 
 
 def personalised_archs(cfg, row):
@@ -518,10 +523,11 @@ def summarise(sweep_dir, planned, axes, compare, baselines):
         if teachers and None not in teachers:
             entry['selected_teacher'] = {group: over_seeds([t['teacher'][group] for t in teachers])
                                          for group in teachers[0]['teacher']}
-            entry['selected_student_minus_teacher'] = {
-                group: seed_intervals(entry['seeds'], [t['student_minus_teacher'][group]
-                                                       for t in teachers])
-                for group in teachers[0]['teacher']}
+            if all(t['student_minus_teacher'] for t in teachers):
+                entry['selected_student_minus_teacher'] = {
+                    group: seed_intervals(entry['seeds'], [t['student_minus_teacher'][group]
+                                                           for t in teachers])
+                    for group in teachers[0]['teacher']}
         entry['vs'] = {}
         for baseline in baselines:
             if dict(key).get(compare) == baseline:
@@ -675,9 +681,9 @@ def teacher_markdown(summary, axes):
     rows = []
     for entry in summary['settings']:
         for group, stats in (entry.get('selected_teacher') or {}).items():
-            gap = entry['selected_student_minus_teacher'][group]
-            cells = [entry['setting'][a] for a in axes] + [group, percent(stats),
-                                                           difference(gap['mean']), per_seed(gap)]
+            gap = (entry.get('selected_student_minus_teacher') or {}).get(group)
+            cells = [entry['setting'][a] for a in axes] + [
+                group, percent(stats), difference(gap and gap['mean']), per_seed(gap)]
             for baseline in summary['baselines']:
                 versus = ((entry['vs'].get(baseline) or {}).get('selected') or {}).get(
                     'teacher', {}).get(group)

@@ -313,13 +313,16 @@ TEACHERS = {  # (algorithm, seed): per client 0 to 3 (teacher's own-class val, s
 
 def write_teacher_fixture(sweep_dir):
     """One-round runs of 4 clients (clients 0 and 1 cifarnet, 2 and 3 cifarnet2) whose rows
-    score each client's teacher, and a local run per seed, which has none."""
-    for (algorithm, seed), clients in [*TEACHERS.items(), *(
-            (('local', s), [(None, 0.5)] * 4) for s in (1, 2))]:
+    score each client's teacher: QuPeD, QuPeD from a strong teacher ('strong', a QuPeD run),
+    FedAvg (a teacher, no students: its teacher as quped's), and local training (none)."""
+    others = [*((('fedavg', s), TEACHERS['quped', s]) for s in (1, 2)),
+              *((('local', s), [(None, 0.5)] * 4) for s in (1, 2))]
+    for (algorithm, seed), clients in [*TEACHERS.items(), *others]:
         folder = sweep_dir / f'seed={seed},algorithm={algorithm}'
         folder.mkdir(parents=True)
         (folder / 'config.json').write_text(json.dumps(
-            {'kind': 'federated', 'rounds': 1, 'seed': seed, 'algorithm': algorithm,
+            {'kind': 'federated', 'rounds': 1, 'seed': seed,
+             'algorithm': 'quped' if algorithm == 'strong' else algorithm,
              'client_archs': ['cifarnet', 'cifarnet2'], 'client_bits': [1, 2]}))
         entries = [{'client': i, 'q_val_acc': v, 'q_test_acc': v, 'n_val': 10, 'n_test': 10,
                     'global_val_acc_own': t} for i, (t, v) in enumerate(clients)]
@@ -332,7 +335,7 @@ def write_teacher_fixture(sweep_dir):
 def test_the_teachers_are_scored_per_setting_and_paired_per_architecture(tmp_path, capsys):
     write_teacher_fixture(tmp_path)
     planned = [{'seed': str(s), 'algorithm': a} for s in (1, 2)
-               for a in ('quped', 'strong', 'local')]
+               for a in ('quped', 'strong', 'fedavg', 'local')]
     summary = sweep.summarise(tmp_path, planned, ['seed', 'algorithm'], 'algorithm',
                               ['quped', 'local'])
     entry = {e['setting']['algorithm']: e for e in summary['settings']}
@@ -354,11 +357,17 @@ def test_the_teachers_are_scored_per_setting_and_paired_per_architecture(tmp_pat
     assert teacher['cifarnet']['differences_mean'] == pytest.approx([0.15, 0.15])
     assert teacher['cifarnet2']['differences_mean'] == pytest.approx([0.2, 0.15])
     assert teacher['all']['mean']['mean'] == pytest.approx(0.1625)
-    # local training has no teacher: no score, and no teacher in a pair with it
+    # FedAvg's clients have no model of their own: a teacher and no students; local training
+    # has no teacher: no score, and no teacher in a pair with it
+    assert entry['fedavg']['selected_teacher'] == quped['selected_teacher']
+    assert 'selected_student_minus_teacher' not in entry['fedavg']
+    assert entry['fedavg']['vs']['quped']['selected']['teacher']['all']['differences_mean'] == [
+        0.0, 0.0]
     assert 'selected_teacher' not in entry['local']
     assert 'teacher' not in quped['vs']['local']['selected']
     table = sweep.summary_markdown(summary)
     assert '| quped | cifarnet2 | 60.0 ± 0.0 | -12.5 [' in table
+    assert '| fedavg | all | 62.5 ± 3.5 | - | - | +0.0 [+0.0, +0.0] ±0.0 |' in table
     assert '| strong | all | 78.8 ± 5.3 |' in table and '1: +17.5, 2: +15.0' in table
     sweep.main([f'--pair={tmp_path}/seed=*,algorithm=strong',
                 f'--to={tmp_path}/seed=*,algorithm=quped'])

@@ -476,7 +476,8 @@ def paired(results, baseline_results, when, names):
             differences = [d[arch] for d in per_arch]
             pairs['by_arch'][arch] = {'seeds': seeds, 'differences_mean': differences,
                                       'mean': mean_and_interval(differences)}
-    if all(ours and theirs for ours, theirs in teachers):
+    if all(ours and theirs and ours['teacher'].keys() == theirs['teacher'].keys()
+           for ours, theirs in teachers):  # each seed's teachers, over the same client groups
         pairs['teacher'] = {group: seed_intervals(seeds, [
             ours['teacher'][group] - theirs['teacher'][group] for ours, theirs in teachers])
             for group in teachers[0][0]['teacher']}

@@ -311,7 +311,7 @@ TEACHERS = {  # (algorithm, seed): per client 0 to 3 (teacher's own-class val, s
 }
 
 
-def write_teacher_fixture(sweep_dir):
+def write_teacher_fixture(sweep_dir, client_archs=('cifarnet', 'cifarnet2')):
     """One-round runs of 4 clients (clients 0 and 1 cifarnet, 2 and 3 cifarnet2) whose rows
     score each client's teacher: QuPeD, QuPeD from a strong teacher ('strong', a QuPeD run),
     FedAvg (a teacher, no students: its teacher as quped's), and local training (none)."""
@@ -323,7 +323,7 @@ def write_teacher_fixture(sweep_dir):
         (folder / 'config.json').write_text(json.dumps(
             {'kind': 'federated', 'rounds': 1, 'seed': seed,
              'algorithm': 'quped' if algorithm == 'strong' else algorithm,
-             'client_archs': ['cifarnet', 'cifarnet2'], 'client_bits': [1, 2]}))
+             'client_archs': list(client_archs), 'client_bits': [1, 2]}))
         entries = [{'client': i, 'q_val_acc': v, 'q_test_acc': v, 'n_val': 10, 'n_test': 10,
                     'global_val_acc_own': t} for i, (t, v) in enumerate(clients)]
         mean = statistics.fmean(v for _, v in clients)
@@ -373,6 +373,17 @@ def test_the_teachers_are_scored_per_setting_and_paired_per_architecture(tmp_pat
                 f'--to={tmp_path}/seed=*,algorithm=quped'])
     assert ("| chosen on validation, teacher's own-class validation accuracy, cifarnet2 clients "
             "| 1, 2 | +17.5 [") in capsys.readouterr().out
+
+
+def test_teachers_over_different_client_groups_are_not_paired(tmp_path):
+    """A mixed-architecture run against one of a single architecture on the same clients: the
+    accuracies pair, the teachers (scored over different groups of clients) do not."""
+    write_teacher_fixture(tmp_path / 'mixed')
+    write_teacher_fixture(tmp_path / 'single', client_archs=('cifarnet',))
+    pair = sweep.pair_runs(f'{tmp_path}/mixed/seed=*,algorithm=strong',
+                           f'{tmp_path}/single/seed=*,algorithm=quped')
+    assert pair['selected']['differences_mean'] == pytest.approx([0.05, 0.075])
+    assert 'teacher' not in pair['selected'] and 'by_arch' not in pair['selected']
 
 
 def halves_and_whole(tmp_path, write):

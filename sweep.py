@@ -644,6 +644,28 @@ def summary_markdown(summary):
     return '\n'.join(lines) + '\n'
 
 
+def versus_cells(summary, entry, part, group):
+    """Each baseline's two cells (interval, per seed) of the entry's paired differences at the
+    selected round for one group of `part` ('by_arch' or 'teacher') of the pairs."""
+    cells = []
+    for baseline in summary['baselines']:
+        if entry['setting'].get(summary['compare']) == baseline:
+            cells += ['(baseline)', '']
+            continue
+        versus = ((entry['vs'].get(baseline) or {}).get('selected') or {}).get(
+            part, {}).get(group)
+        cells += [difference(versus and versus['mean']), per_seed(versus)]
+    return cells
+
+
+def table_lines(title, header, rows):
+    """A titled markdown table, or no line without rows."""
+    if not rows:
+        return []
+    return ['', title, '', '| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header),
+            *('| ' + ' | '.join(cells) + ' |' for cells in rows)]
+
+
 def arch_markdown(summary, axes):
     """Lines of a table per personalised architecture, for the settings whose clients mix
     them: the test accuracy at the selected round (mean over the architecture's clients) and
@@ -651,23 +673,12 @@ def arch_markdown(summary, axes):
     header = [*axes, 'architecture', 'test acc at val-selected round (mean over its clients)']
     for baseline in summary['baselines']:
         header += [f"vs {baseline} [95 % CI] ±half", 'per seed']
-    rows = []
-    for entry in summary['settings']:
-        for arch, stats in (entry.get('selected_mean_by_arch') or {}).items():
-            cells = [entry['setting'][a] for a in axes] + [arch, percent(stats)]
-            for baseline in summary['baselines']:
-                versus = ((entry['vs'].get(baseline) or {}).get('selected') or {}).get(
-                    'by_arch', {}).get(arch)
-                if entry['setting'].get(summary['compare']) == baseline:
-                    cells += ['(baseline)', '']
-                else:
-                    cells += [difference(versus and versus['mean']), per_seed(versus)]
-            rows.append('| ' + ' | '.join(cells) + ' |')
-    if not rows:
-        return []
-    return ['', "Per personalised architecture (each client's own, whatever model a baseline "
-            "evaluates; seeds are the unit):", '', '| ' + ' | '.join(header) + ' |',
-            '|' + ' --- |' * len(header), *rows]
+    rows = [[entry['setting'][a] for a in axes] + [arch, percent(stats)]
+            + versus_cells(summary, entry, 'by_arch', arch)
+            for entry in summary['settings']
+            for arch, stats in (entry.get('selected_mean_by_arch') or {}).items()]
+    return table_lines("Per personalised architecture (each client's own, whatever model a "
+                       "baseline evaluates; seeds are the unit):", header, rows)
 
 
 def teacher_markdown(summary, axes):
@@ -683,21 +694,11 @@ def teacher_markdown(summary, axes):
     for entry in summary['settings']:
         for group, stats in (entry.get('selected_teacher') or {}).items():
             gap = (entry.get('selected_student_minus_teacher') or {}).get(group)
-            cells = [entry['setting'][a] for a in axes] + [
-                group, percent(stats), difference(gap and gap['mean']), per_seed(gap)]
-            for baseline in summary['baselines']:
-                versus = ((entry['vs'].get(baseline) or {}).get('selected') or {}).get(
-                    'teacher', {}).get(group)
-                if entry['setting'].get(summary['compare']) == baseline:
-                    cells += ['(baseline)', '']
-                else:
-                    cells += [difference(versus and versus['mean']), per_seed(versus)]
-            rows.append('| ' + ' | '.join(cells) + ' |')
-    if not rows:
-        return []
-    return ['', "The teacher (the global model) on each client's own classes, validation images "
-            "at each run's selected round (seeds are the unit):", '',
-            '| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header), *rows]
+            rows.append([entry['setting'][a] for a in axes]
+                        + [group, percent(stats), difference(gap and gap['mean']), per_seed(gap)]
+                        + versus_cells(summary, entry, 'teacher', group))
+    return table_lines("The teacher (the global model) on each client's own classes, validation "
+                       "images at each run's selected round (seeds are the unit):", header, rows)
 
 
 def write_summary(sweep_dir, planned, axes, compare, baselines):

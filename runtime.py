@@ -24,7 +24,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 INTERRUPTED = 130  # the shell's exit status for a Ctrl-C
 TERMINATED = 143  # and for a SIGTERM
-PARENT_ENV = 'QUPED_PARENT_PID'  # set by sweep.py: a run stops (as on SIGTERM) once it is gone
+SWEEP_PIPE_ENV = 'QUPED_SWEEP_FD'  # sweep.py's pipe: a run stops (as on SIGTERM) once it closes
 
 
 class ConfigError(Exception):
@@ -64,12 +64,13 @@ def handle_stop_signals():
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
-def stop_with_parent(parent):
-    """SIGTERM this process once `parent` (a pid) is no longer its parent: a run whose sweep was
-    killed outright stops, keeping its last completed round, instead of training on alone."""
+def stop_with_sweep(fd):
+    """SIGTERM this process once the pipe `fd`'s writing end closes, as it does the moment the
+    sweep holding it ends in any way, killed outright included: the run stops, keeping its last
+    completed round, instead of training on alone."""
     def watch():
-        while os.getppid() == parent:
-            time.sleep(1)
+        while os.read(fd, 1):
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, daemon=True).start()
 
@@ -383,8 +384,8 @@ def run_guarded(body, argv, errors, help_text=None):
             sys.stdout = open(os.devnull, 'w')
         return None
     handle_stop_signals()
-    if os.environ.get(PARENT_ENV, '').isdigit():
-        stop_with_parent(int(os.environ[PARENT_ENV]))
+    if os.environ.get(SWEEP_PIPE_ENV, '').isdigit():  # popped: not for processes this one starts
+        stop_with_sweep(int(os.environ.pop(SWEEP_PIPE_ENV)))
     try:
         return body(argv)
     except Interrupted as e:

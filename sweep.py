@@ -242,7 +242,7 @@ def say(line):
 class Children:
     """The runs' processes while they run, each in a session of its own so that only the sweep
     signals them: Ctrl-C or SIGTERM to the sweep stops every one (each keeps its last completed
-    round), and a run whose sweep is killed outright stops itself (runtime.PARENT_ENV)."""
+    round), and a run whose sweep is killed outright stops itself (runtime.SWEEP_PIPE_ENV)."""
 
     def __init__(self, env):
         self.env, self.active, self.stopping = env, {}, False
@@ -254,11 +254,15 @@ class Children:
             if self.stopping:
                 return None
             say(f"start {os.path.basename(folder)}")
+            reading, writing = os.pipe()  # the run stops once `writing` closes: with this process
+            env = {**self.env, runtime.SWEEP_PIPE_ENV: str(reading)}
             with open(log_path(folder), 'a') as log:
-                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                           env=self.env, cwd=ROOT, start_new_session=True)
+                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           pass_fds=(reading,), cwd=ROOT, start_new_session=True)
+            os.close(reading)
             self.active[folder] = process
         code = process.wait()
+        os.close(writing)
         with self.lock:
             del self.active[folder]
         return code
@@ -287,8 +291,7 @@ def run_all(script, planned, axes, sweep_dir, jobs, threads):
         print(f"{os.path.basename(folder)}: {state}")
         if state != 'finished':
             pending.append((folder, command(script, folder, run, sweep_dir)))
-    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads),
-           runtime.PARENT_ENV: str(os.getpid())}
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
     children = Children(env)
     failed = []
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
